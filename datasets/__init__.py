@@ -1,0 +1,90 @@
+"""Data for a run: find or make the image tree, decode it once, split it deterministically.
+
+Both trainers receive the same :class:`DataSplits`, so the PyTorch and Keras streams see
+exactly the same images in each split.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from filelock import FileLock
+
+from datasets.folder import decode_images, fingerprint, limit_per_class, scan
+from datasets.split import stratified_split
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Split:
+    """Images (N, H, W, 3) uint8 with their integer labels and source files."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    paths: list[Path]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True)
+class DataSplits:
+    classes: list[str]
+    train: Split
+    val: Split
+    test: Split
+    fingerprint: str
+    root: Path
+    skipped: list[str]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
+
+
+def resolve_root(cfg) -> Path:  # cfg: runner.config.DatasetConfig (kept untyped to avoid an import cycle)
+    """The class-per-folder tree of the configured data set, generated or downloaded if needed."""
+    cache = Path(cfg.cache_dir).expanduser()
+    if cfg.name == "synthetic_cracks":
+        from datasets import synthetic
+
+        root = Path(cfg.path).expanduser() if cfg.path else cache / (
+            f"synthetic_cracks-n{cfg.samples_per_class}-s{cfg.source_size}-seed{cfg.seed}"
+        )
+        root.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(root) + ".lock"):  # parallel sweep jobs generate it once
+            return synthetic.generate(root, cfg.samples_per_class, cfg.source_size, cfg.seed, cfg.decode_workers)
+    if cfg.name == "concrete_cracks":
+        from datasets import concrete_cracks
+
+        return concrete_cracks.prepare(cfg.path, cfg.url, cache, cfg.sha256)
+    return Path(cfg.path).expanduser()
+
+
+def load(cfg, seed: int, progress: bool = True) -> DataSplits:
+    """Decode the configured data set at ``cfg.image_size`` and split it with ``seed``."""
+    images = limit_per_class(scan(resolve_root(cfg)), cfg.limit, seed)
+    log.info("data: %d images in %d classes %s under %s", len(images.paths), len(images.classes), images.classes, images.root)
+    pixels, decoded, skipped = decode_images(images.paths, cfg.image_size, cfg.decode_workers, progress)
+    if skipped:
+        log.warning("skipped %d unreadable image(s) of %d", len(skipped), len(images.paths))
+    labels = images.labels[decoded]
+    paths = [images.paths[i] for i in decoded]
+    idx = stratified_split(labels, cfg.val_fraction, cfg.test_fraction, seed)
+
+    def take(rows: np.ndarray) -> Split:
+        return Split(pixels[rows], labels[rows], [paths[i] for i in rows])
+
+    return DataSplits(
+        classes=images.classes,
+        train=take(idx.train),
+        val=take(idx.val),
+        test=take(idx.test),
+        fingerprint=fingerprint(images),
+        root=images.root,
+        skipped=skipped,
+    )

@@ -1,0 +1,477 @@
+"""Synthetic concrete-crack photographs in the layout of the real data set.
+
+Why: the real 40,000-image set is a large download; tests, CI and quick experiments
+need an offline stand-in that is deterministic, laid out the same way
+(``root/Positive/*.jpg`` = crack, ``root/Negative/*.jpg`` = no crack) and hard enough
+that a linear model on raw pixels does not solve it while a small CNN can.
+
+Every image is drawn from its own random generator seeded by ``(seed, class, index)``,
+so the output does not depend on the number of worker processes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+CLASS_NAMES = ("Negative", "Positive")  # index = label, the crack class is 1
+GENERATOR_VERSION = 1  # bump whenever the pictures change, so caches are rebuilt
+MARKER_NAME = ".complete"
+JPEG_QUALITY = 90
+_REFERENCE_SIZE = 227  # the sizes below are tuned at the real images' resolution
+_WEATHERING = ((2.0, 4.0), (4.0, 2.0))  # Beta parameters per class: how aged the surface looks
+_SUPERSAMPLE = 2  # strokes are drawn at this factor and box-filtered down: anti-aliasing
+
+Array = np.ndarray
+
+
+class _Job(NamedTuple):
+    path: Path
+    class_index: int
+    index: int
+    size: int
+    seed: int
+
+
+def generate(
+    root: Path,
+    samples_per_class: int,
+    image_size: int = 227,
+    seed: int = 0,
+    workers: int | None = None,
+) -> Path:
+    """Write samples_per_class images per class under root/Positive and root/Negative; return root.
+
+    The images are rendered into a temporary sibling folder that is renamed to ``root``
+    only when complete, so an interrupted run never leaves a half-filled ``root``. A
+    ``root`` holding a marker with the same parameters is reused as is; one generated
+    with other parameters is replaced; any other existing ``root`` is left untouched
+    and raises ``FileExistsError``.
+    """
+    root = Path(root)
+    if samples_per_class < 1:
+        raise ValueError(f"samples_per_class must be >= 1, got {samples_per_class}")
+    if image_size < 16:
+        raise ValueError(f"image_size must be >= 16, got {image_size}")
+    params = {
+        "generator_version": GENERATOR_VERSION,
+        "samples_per_class": samples_per_class,
+        "image_size": image_size,
+        "seed": seed,
+    }
+    if _marker_params(root) == params:
+        logger.info("Reusing synthetic data set at %s", root)
+        return root
+    if root.exists() and _marker_params(root) is None:
+        raise FileExistsError(f"{root} exists and is not a synthetic data set; not overwriting it")
+
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".partial", dir=root.parent))
+    try:
+        staging.chmod(0o755)
+        jobs = _plan_jobs(staging, samples_per_class, image_size, seed)
+        logger.info("Generating %d synthetic images of %d px in %s", len(jobs), image_size, root)
+        _run_jobs(jobs, workers)
+        (staging / MARKER_NAME).write_text(json.dumps(params, sort_keys=True))
+        _publish(staging, root, params)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return root
+
+
+def render(seed: int, class_index: int, index: int, size: int = 227) -> Image.Image:
+    """Render one image; the same arguments always give the same picture."""
+    rng = np.random.default_rng([seed, class_index, index])
+    scale = size / _REFERENCE_SIZE
+    # Cracked concrete tends to be older and dirtier. This weak, overlapping global cue is what lets
+    # a linear model on pixels beat chance (~75-80 %) without solving the task.
+    weathering = rng.beta(*_WEATHERING[class_index])
+    lum = _concrete_surface(rng, size, brightness=0.84 - 0.3 * weathering + rng.normal(0.0, 0.03))
+    color = np.ones((size, size, 3), np.float32) * _base_tint(rng)
+    _add_stains(rng, lum, color, count=rng.poisson(0.4 + 2.0 * weathering))
+    _add_pores(rng, lum, scale, count=int(rng.integers(10, 70) * scale**2))
+    if CLASS_NAMES[class_index] == "Positive":
+        _add_crack(rng, lum, scale)
+    else:
+        _add_distractors(rng, lum, color, scale)
+    lum *= _uneven_light(rng, size)
+    rgb = lum[..., None] * color + rng.normal(0.0, 0.012, (size, size, 3)).astype(np.float32)
+    return Image.fromarray((np.clip(rgb, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), "RGB")
+
+
+# --------------------------------------------------------------------- orchestration
+
+
+def _marker_params(root: Path) -> dict | None:
+    """The parameters a finished generation recorded in root, or None."""
+    try:
+        return json.loads((root / MARKER_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _plan_jobs(folder: Path, samples_per_class: int, size: int, seed: int) -> list[_Job]:
+    width = max(5, len(str(samples_per_class)))  # 00001.jpg like the real set, sortable
+    jobs = []
+    for class_index, name in enumerate(CLASS_NAMES):
+        (folder / name).mkdir()
+        for index in range(1, samples_per_class + 1):
+            path = folder / name / f"{index:0{width}d}.jpg"
+            jobs.append(_Job(path, class_index, index, size, seed))
+    return jobs
+
+
+def _run_jobs(jobs: list[_Job], workers: int | None) -> None:
+    """Render all jobs, in parallel over the cores unless workers == 1."""
+    workers = min(workers or os.cpu_count() or 1, len(jobs))
+    with tqdm(total=len(jobs), unit="img", desc="synthetic images", disable=None) as bar:
+        if workers == 1:
+            for job in jobs:
+                _render_job(job)
+                bar.update()
+            return
+        chunksize = max(1, len(jobs) // (workers * 16))
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            for _ in pool.map(_render_job, jobs, chunksize=chunksize):
+                bar.update()
+
+
+def _render_job(job: _Job) -> None:
+    image = render(job.seed, job.class_index, job.index, job.size)
+    image.save(job.path, "JPEG", quality=JPEG_QUALITY, optimize=False, subsampling=0)
+
+
+def _publish(staging: Path, root: Path, params: dict) -> None:
+    """Move the finished staging folder to root, replacing a stale generation."""
+    stale = None
+    if root.exists():
+        stale = staging.with_suffix(".stale")
+        root.rename(stale)
+    try:
+        staging.rename(root)
+    except OSError:
+        # Another process published the same data set first: keep theirs.
+        if _marker_params(root) != params:
+            raise
+        shutil.rmtree(staging)
+    if stale is not None:
+        shutil.rmtree(stale)
+
+
+# --------------------------------------------------------------------- surface
+
+
+def _fractal_noise(rng: np.random.Generator, size: int, cells: int, octaves: int, gain: float) -> Array:
+    """Zero-mean, unit-std value noise: random grids upsampled and summed over octaves."""
+    total = np.zeros((size, size), np.float32)
+    amplitude = 1.0
+    for _ in range(octaves):
+        if cells > size:
+            break
+        grid = rng.standard_normal((cells, cells)).astype(np.float32)
+        total += amplitude * _upsample(grid, size)
+        amplitude *= gain
+        cells *= 2
+    return (total - total.mean()) / (total.std() + 1e-6)
+
+
+def _upsample(grid: Array, size: int) -> Array:
+    return np.asarray(Image.fromarray(grid, "F").resize((size, size), Image.Resampling.BICUBIC))
+
+
+def _concrete_surface(rng: np.random.Generator, size: int, brightness: float) -> Array:
+    """Grey luminance: cloudy shading, mottling, sand grains and fine sensor-like grain."""
+    clouds = _fractal_noise(rng, size, cells=int(rng.integers(2, 5)), octaves=3, gain=0.5)
+    # Mottling and sand grains have a physical size: fixed cell counts, finer at low resolution.
+    mottle = _fractal_noise(rng, size, cells=min(size, _REFERENCE_SIZE // 12), octaves=2, gain=0.7)
+    sand_cells = min(size, int(_REFERENCE_SIZE / rng.uniform(2.5, 4.0)))
+    sand = _fractal_noise(rng, size, cells=sand_cells, octaves=1, gain=1.0)
+    grain = rng.standard_normal((size, size)).astype(np.float32)
+    lum = brightness * (
+        1.0
+        + rng.uniform(0.02, 0.07) * clouds
+        + rng.uniform(0.015, 0.035) * mottle
+        + rng.uniform(0.02, 0.05) * sand
+        + rng.uniform(0.015, 0.035) * grain
+    )
+    return lum.astype(np.float32)
+
+
+def _base_tint(rng: np.random.Generator) -> Array:
+    """Per-image colour cast: mostly neutral grey, sometimes warm (beige) or cool."""
+    warmth = rng.normal(0.0, 0.025)
+    tint = np.array([1.0 + warmth, 1.0 + 0.3 * warmth, 1.0 - warmth], np.float32)
+    return tint + rng.normal(0.0, 0.008, 3).astype(np.float32)
+
+
+def _uneven_light(rng: np.random.Generator, size: int) -> Array:
+    """Multiplicative light field: a linear gradient in a random direction and a vignette."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
+    angle = rng.uniform(0, 2 * math.pi)
+    gradient = rng.uniform(0.0, 0.3) * (x * math.cos(angle) + y * math.sin(angle))
+    cy, cx = rng.uniform(-0.2, 0.2, 2)
+    vignette = rng.uniform(0.0, 0.5) * ((x - cx) ** 2 + (y - cy) ** 2)
+    return (1.0 + gradient - vignette).astype(np.float32)
+
+
+# --------------------------------------------------------------------- masks
+
+
+class _Mask:
+    """A supersampled 8-bit drawing surface that comes back as a float array in [0, 1]."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.image = Image.new("L", (size * _SUPERSAMPLE, size * _SUPERSAMPLE), 0)
+        self.draw = ImageDraw.Draw(self.image)
+
+    def ellipse(self, cx: float, cy: float, rx: float, ry: float, angle: float, value: float = 1.0) -> None:
+        """A rotated ellipse, as a polygon, so pores can be elongated in any direction."""
+        t = np.linspace(0, 2 * math.pi, 16, endpoint=False)
+        px = rx * np.cos(t)
+        py = ry * np.sin(t)
+        xs = cx + px * math.cos(angle) - py * math.sin(angle)
+        ys = cy + px * math.sin(angle) + py * math.cos(angle)
+        self.polygon(np.stack([xs, ys], axis=1), value)
+
+    def polygon(self, points: Array, value: float = 1.0) -> None:
+        self.draw.polygon([tuple(p) for p in points * _SUPERSAMPLE], fill=int(255 * value))
+
+    def stroke(self, points: Array, widths: Array) -> None:
+        """A polyline whose width varies per vertex; sub-pixel widths become fainter lines."""
+        s = _SUPERSAMPLE
+        for (x0, y0), (x1, y1), w in zip(points[:-1], points[1:], widths[:-1]):
+            fill = int(255 * min(1.0, w * s))
+            px = max(1, int(round(w * s)))
+            self.draw.line([(x0 * s, y0 * s), (x1 * s, y1 * s)], fill=fill, width=px)
+            if px > 2:  # round joints, otherwise thick segments leave notches
+                r = px / 2
+                self.draw.ellipse([x1 * s - r, y1 * s - r, x1 * s + r, y1 * s + r], fill=fill)
+
+    def array(self, blur: float = 0.0) -> Array:
+        image = self.image.resize((self.size, self.size), Image.Resampling.BOX)
+        if blur > 0:
+            image = image.filter(ImageFilter.GaussianBlur(blur))
+        return np.asarray(image, np.float32) / 255.0
+
+
+# --------------------------------------------------------------------- surface features
+
+
+def _add_stains(rng: np.random.Generator, lum: Array, color: Array, count: int) -> None:
+    """Large soft blobs (damp, dirt, rust) that darken and tint the surface."""
+    size = lum.shape[0]
+    for _ in range(count):
+        mask = _Mask(size)
+        cx, cy = rng.uniform(0, size, 2)
+        r = rng.uniform(0.1, 0.35) * size
+        mask.polygon(_blob(rng, cx, cy, r, irregularity=0.35))
+        soft = mask.array(blur=rng.uniform(0.15, 0.4) * r)
+        _shade(rng, lum, color, soft, darkening=rng.uniform(0.03, 0.12))
+
+
+def _shade(rng: np.random.Generator, lum: Array, color: Array, mask: Array, darkening: float) -> None:
+    """Darken lum under mask and shift its colour a little towards a random cast."""
+    lum *= 1.0 - darkening * mask
+    cast = np.array([0.04, 0.015, -0.03], np.float32) * rng.uniform(-0.5, 1.0)
+    color += mask[..., None] * cast
+
+
+def _blob(rng: np.random.Generator, cx: float, cy: float, r: float, irregularity: float) -> Array:
+    """Vertices of an irregular closed shape around (cx, cy): a circle with a wavy, lumpy radius."""
+    n = 32
+    angles = np.linspace(0, 2 * math.pi, n, endpoint=False) + rng.uniform(0, 2 * math.pi)
+    noise = rng.normal(0, 1, n)
+    lumps = np.convolve(np.r_[noise[-2:], noise, noise[:2]], np.ones(5) / 5, mode="valid")  # wraps around
+    radii = r * np.clip(1.0 + irregularity * lumps / (lumps.std() + 1e-6), 0.2, None)
+    return np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], axis=1)
+
+
+def _add_pores(
+    rng: np.random.Generator,
+    lum: Array,
+    scale: float,
+    count: int,
+    centre: Array | None = None,
+    spread: float = 0.0,
+) -> None:
+    """Air holes: dark specks and small ellipses with a lit rim on the side facing the light."""
+    size = lum.shape[0]
+    dark, rim = _Mask(size), _Mask(size)
+    light_angle = rng.uniform(0, 2 * math.pi)
+    for _ in range(count):
+        if centre is None:
+            cx, cy = rng.uniform(0, size, 2)
+        else:
+            cx, cy = centre + rng.normal(0, spread, 2)
+        r = scale * min(6.0, rng.lognormal(0.0, 0.55))
+        rx, ry = r, r * rng.uniform(0.55, 1.0)
+        angle = rng.uniform(0, math.pi)
+        depth = rng.uniform(0.4, 1.0)
+        if r > 1.2 * scale:
+            lit_x, lit_y = cx - 0.6 * r * math.cos(light_angle), cy - 0.6 * r * math.sin(light_angle)
+            rim.ellipse(lit_x, lit_y, rx, ry, angle, 0.8)
+        dark.ellipse(cx, cy, rx, ry, angle, depth)
+    lum += 0.12 * rim.array(blur=0.5 * scale) * lum
+    lum *= 1.0 - 0.6 * dark.array(blur=0.35 * scale)
+
+
+# --------------------------------------------------------------------- cracks
+
+
+def _add_crack(rng: np.random.Generator, lum: Array, scale: float) -> None:
+    """A jagged crack of random width and length, often branched, dark inside with soft edges."""
+    size = lum.shape[0]
+    mask = _Mask(size)
+    length = rng.uniform(0.5, 1.6) * size
+    width = scale * float(np.clip(rng.lognormal(0.7, 0.5), 0.8, 6.0))
+    centre = rng.uniform(0.3, 0.7, 2) * size
+    heading = rng.uniform(0, math.pi)
+    branchiness = rng.choice([0.0, 0.02, 0.05], p=[0.35, 0.4, 0.25])
+    # Grow both ways from an inner point, so a crack crosses the picture rather than starting at its edge.
+    for direction in (heading, heading + math.pi):
+        _grow_crack(rng, mask, centre, direction, length / 2, width, scale, branchiness, generations=2)
+    faint = rng.random() < 0.15
+    depth = rng.uniform(0.15, 0.3) if faint else rng.uniform(0.35, 0.75)
+    core = mask.array(blur=rng.uniform(0.3, 0.8) * scale)
+    halo = mask.array(blur=rng.uniform(4.0, 10.0) * scale)
+    lum *= (1.0 - depth * core) * (1.0 - 0.8 * depth * np.minimum(1.0, 3.0 * halo))
+
+
+def _grow_crack(
+    rng: np.random.Generator,
+    mask: _Mask,
+    start: Array,
+    heading: float,
+    length: float,
+    width: float,
+    scale: float,
+    branchiness: float,
+    generations: int,
+) -> None:
+    """Draw one crack arm as a random walk, recursing into thinner, shorter branches."""
+    points = _random_walk(rng, start, heading, length, step=rng.uniform(2.0, 5.0) * scale)
+    widths = width * _width_profile(rng, len(points))
+    mask.stroke(points, widths)
+    if generations == 0 or branchiness == 0:
+        return
+    for i in np.flatnonzero(rng.random(len(points) - 2) < branchiness) + 1:
+        local = math.atan2(*(points[i + 1] - points[i])[::-1])
+        turn = rng.choice([-1, 1]) * rng.uniform(0.35, 1.2)
+        remaining = length * (1 - i / len(points))
+        _grow_crack(
+            rng, mask, points[i], local + turn, remaining * rng.uniform(0.25, 0.6),
+            widths[i] * rng.uniform(0.35, 0.7), scale, branchiness, generations - 1,
+        )
+
+
+def _random_walk(rng: np.random.Generator, start: Array, heading: float, length: float, step: float) -> Array:
+    """A jagged path: the heading wanders but is pulled back to its mean, like a real crack."""
+    n = max(2, int(length / step))
+    deviation = np.zeros(n, np.float32)
+    kicks = rng.normal(0, 0.45, n)
+    for i in range(1, n):
+        deviation[i] = 0.75 * deviation[i - 1] + kicks[i]
+    drift = np.cumsum(rng.normal(0, 0.025, n))  # slow bending of the overall direction
+    angles = heading + deviation + drift
+    steps = step * rng.uniform(0.5, 1.5, n)[:, None] * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    return np.vstack([start, start + np.cumsum(steps, axis=0)])
+
+
+def _width_profile(rng: np.random.Generator, n: int) -> Array:
+    """Relative width along a crack arm: smoothly varying, tapering to a tip at the end."""
+    wobble = np.convolve(rng.normal(0, 1, n + 8), np.ones(9) / 9, mode="valid")[:n]
+    t = np.linspace(0, 1, n)
+    taper = np.clip((1 - t) * 3, 0.15, 1.0)
+    return np.clip(1.0 + 0.8 * wobble, 0.3, 1.8) * taper
+
+
+# --------------------------------------------------------------------- negatives' distractors
+
+
+def _add_distractors(rng: np.random.Generator, lum: Array, color: Array, scale: float) -> None:
+    """Crack-like features that are not cracks, so the classes are not trivially separable."""
+    kinds = (_formwork_line, _scratches, _sharp_stain, _shadow_edge, _pore_cluster)
+    count = rng.choice(4, p=[0.3, 0.4, 0.2, 0.1])
+    for k in rng.choice(len(kinds), size=count, replace=False):
+        kinds[k](rng, lum, color, scale)
+
+
+def _line_across(rng: np.random.Generator, size: int) -> tuple[Array, Array]:
+    """A point inside the image and a unit direction, mostly near-axis like formwork."""
+    if rng.random() < 0.7:
+        angle = rng.choice([0.0, math.pi / 2]) + rng.normal(0, 0.08)
+    else:
+        angle = rng.uniform(0, math.pi)
+    return rng.uniform(0.15, 0.85, 2) * size, np.array([math.cos(angle), math.sin(angle)])
+
+
+def _formwork_line(rng: np.random.Generator, lum: Array, color: Array, scale: float) -> None:
+    """A straight joint line from the formwork, often with a slight brightness step across it."""
+    size = lum.shape[0]
+    point, direction = _line_across(rng, size)
+    mask = _Mask(size)
+    ends = np.stack([point - 2 * size * direction, point + 2 * size * direction])
+    mask.stroke(ends, np.full(2, rng.uniform(0.6, 2.5) * scale))
+    sign = rng.choice([-1.0, 1.0], p=[0.3, 0.7])  # mostly a dark groove, sometimes a light ridge
+    lum *= 1.0 - sign * rng.uniform(0.08, 0.25) * mask.array(blur=0.5 * scale)
+    lum *= 1.0 + rng.uniform(-0.04, 0.04) * _half_plane(size, point, direction, softness=0.7 * scale)
+
+
+def _scratches(rng: np.random.Generator, lum: Array, color: Array, scale: float) -> None:
+    """A few thin straight marks, lighter or darker than the surface."""
+    size = lum.shape[0]
+    mask = _Mask(size)
+    for _ in range(int(rng.integers(1, 5))):
+        start = rng.uniform(0, size, 2)
+        angle = rng.uniform(0, 2 * math.pi)
+        end = start + rng.uniform(0.15, 0.6) * size * np.array([math.cos(angle), math.sin(angle)])
+        mask.stroke(np.stack([start, end]), np.full(2, rng.uniform(0.4, 1.4) * scale))
+    sign = rng.choice([-1.0, 1.0])
+    lum *= 1.0 + sign * rng.uniform(0.08, 0.25) * mask.array(blur=0.4 * scale)
+
+
+def _sharp_stain(rng: np.random.Generator, lum: Array, color: Array, scale: float) -> None:
+    """A stain with crisp edges (paint, spill), unlike the soft damp blobs."""
+    size = lum.shape[0]
+    mask = _Mask(size)
+    cx, cy = rng.uniform(0, size, 2)
+    mask.polygon(_blob(rng, cx, cy, rng.uniform(0.08, 0.3) * size, irregularity=0.5))
+    _shade(rng, lum, color, mask.array(blur=0.5 * scale), darkening=rng.uniform(0.06, 0.2))
+
+
+def _shadow_edge(rng: np.random.Generator, lum: Array, color: Array, scale: float) -> None:
+    """A cast shadow over part of the picture, its edge a straight line."""
+    size = lum.shape[0]
+    point, direction = _line_across(rng, size)
+    shadow = _half_plane(size, point, direction, softness=rng.uniform(0.5, 6.0) * scale)
+    lum *= 1.0 - rng.uniform(0.08, 0.3) * shadow
+
+
+def _pore_cluster(rng: np.random.Generator, lum: Array, color: Array, scale: float) -> None:
+    """A honeycombed patch: many air holes close together."""
+    size = lum.shape[0]
+    centre = rng.uniform(0.15, 0.85, 2) * size
+    count = int(rng.integers(25, 80) * scale**2) + 5
+    _add_pores(rng, lum, scale, count, centre=centre, spread=rng.uniform(0.05, 0.15) * size)
+
+
+def _half_plane(size: int, point: Array, direction: Array, softness: float) -> Array:
+    """1 on one side of the line through point along direction, 0 on the other, soft edge."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    distance = (x - point[0]) * direction[1] - (y - point[1]) * direction[0]
+    return (1.0 / (1.0 + np.exp(-distance / softness))).astype(np.float32)

@@ -1,0 +1,1 @@
+"""Network builders: ``linear`` (PyTorch) and the Keras transfer-learning backbones."""

@@ -1,0 +1,33 @@
+"""The readable end of a run: a metrics table, the MLflow run id and how to look at it."""
+
+from __future__ import annotations
+
+import logging
+
+from tabulate import tabulate
+
+log = logging.getLogger(__name__)
+
+
+def ui_command(tracking_uri: str) -> str:
+    """The command that opens the MLflow UI on this run's store."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri} in a browser"
+    return f"mlflow ui --backend-store-uri {tracking_uri}"
+
+
+def report(metrics: dict[str, float], run_id: str, experiment: str, tracking_uri: str, model_uri: str | None) -> str:
+    """Log and return the summary block."""
+    rows = [(name, f"{value:.4f}") for name, value in metrics.items()]
+    text = "\n".join(
+        [
+            "",
+            tabulate(rows, headers=("metric", "value"), tablefmt="simple"),
+            "",
+            f"MLflow run:  {run_id}  (experiment {experiment!r})",
+            f"model:       {model_uri}",
+            f"MLflow UI:   {ui_command(tracking_uri)}   then open http://127.0.0.1:5000",
+        ]
+    )
+    log.info("run summary:%s", text)
+    return text

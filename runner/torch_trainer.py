@@ -1,0 +1,166 @@
+"""The PyTorch trainer: a plain loop in the style of torchvision's reference scripts."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm import tqdm
+
+from datasets import DataSplits, Split
+from models.linear import LinearClassifier
+from runner.config import AdamConfig, OptimizerConfig, RunConfig, SGDConfig
+from runner.errors import TrainingError
+from runner.files import atomic_path
+from runner.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+def versions() -> dict[str, str]:
+    return {"framework": "torch", "torch_version": torch.__version__}
+
+
+@dataclass
+class TorchModel:
+    """A trained module with what evaluation and MLflow need."""
+
+    module: nn.Module
+    device: torch.device
+    batch_size: int
+
+    @torch.no_grad()
+    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+        self.module.eval()
+        out = [
+            torch.softmax(self.module(torch.from_numpy(images[i : i + self.batch_size]).to(self.device).float()), 1).cpu()
+            for i in range(0, len(images), self.batch_size)
+        ]
+        return torch.cat(out).numpy()
+
+    def log_model(self, tracker: Tracker, example: np.ndarray) -> str:
+        """Log with mlflow.pytorch: the module plus a softmax, so pyfunc predicts class probabilities.
+
+        MLflow exports it as a torch.export program (pt2), so loading needs no project code.
+        """
+        probabilities = nn.Sequential(self.module, nn.Softmax(dim=1)).cpu().eval()
+        example = example.astype(np.float32)
+
+        def predict(x: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return probabilities(torch.from_numpy(x)).numpy()
+
+        return tracker.log_model(
+            "pytorch",
+            probabilities,
+            example,
+            predict,
+            requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
+        )
+
+
+def build_optimizer(cfg: OptimizerConfig, params) -> torch.optim.Optimizer:
+    if isinstance(cfg, SGDConfig):
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if isinstance(cfg, AdamConfig):
+        return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    raise TypeError(f"no torch optimizer for {cfg.name}")
+
+
+def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std of pixels scaled to [0, 1] (the linear model's normalisation)."""
+    pixels = images.reshape(-1, images.shape[-1])
+    mean = pixels.mean(axis=0, dtype=np.float64) / 255.0
+    std = pixels.std(axis=0, dtype=np.float64) / 255.0
+    return mean.astype(np.float32), np.maximum(std, 1e-3).astype(np.float32)
+
+
+def _loader(split: Split, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+    dataset = TensorDataset(torch.from_numpy(split.images), torch.from_numpy(split.labels))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(seed))
+
+
+def train_one_epoch(
+    model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, device: torch.device, desc: str, progress: bool
+) -> tuple[float, float]:
+    """One pass over the training split; returns mean loss and accuracy."""
+    model.train()
+    criterion = nn.CrossEntropyLoss()
+    total_loss, correct, seen = 0.0, 0, 0
+    for images, labels in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
+        images, labels = images.to(device).float(), labels.to(device)
+        logits = model(images)
+        loss = criterion(logits, labels)
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"the training loss became {loss.item()} during {desc}. The learning rate is probably too high: "
+                "lower optimizer.lr (e.g. divide it by 10)."
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.item() * len(labels)
+        correct += (logits.argmax(1) == labels).sum().item()
+        seen += len(labels)
+    return total_loss / seen, correct / seen
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[float, float]:
+    """Mean loss and accuracy over a split, in eval mode."""
+    model.eval()
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    total_loss, correct, seen = 0.0, 0, 0
+    for images, labels in loader:
+        images, labels = images.to(device).float(), labels.to(device)
+        logits = model(images)
+        total_loss += criterion(logits, labels).item()
+        correct += (logits.argmax(1) == labels).sum().item()
+        seen += len(labels)
+    return total_loss / seen, correct / seen
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int) -> None:
+    """Everything needed to continue training after ``epoch``, written atomically."""
+    state = {
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def fit(run: RunConfig, data: DataSplits, tracker: Tracker) -> TorchModel:
+    """Train the linear classifier with per-epoch train/val metrics and a checkpoint each epoch."""
+    torch.set_num_threads(run.trainer.num_threads or os.cpu_count() or 1)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    mean, std = channel_stats(data.train.images)
+    model = LinearClassifier(data.image_shape, len(data.classes), mean, std).to(device)
+    optimizer = build_optimizer(run.optimizer, model.parameters())
+    tracker.log_params({"device": device.type, "trainable_params": sum(p.numel() for p in model.parameters())})
+    train_loader = _loader(data.train, run.trainer.batch_size, shuffle=True, seed=run.seed)
+    val_loader = _loader(data.val, run.trainer.batch_size, shuffle=False, seed=run.seed)
+    checkpoint = tracker.output_dir / "checkpoints" / "last.pt"
+    epochs = run.trainer.epochs
+    for epoch in range(1, epochs + 1):
+        train_loss, train_acc = train_one_epoch(
+            model, train_loader, optimizer, device, f"epoch {epoch}/{epochs}", run.trainer.progress
+        )
+        val_loss, val_acc = evaluate(model, val_loader, device)
+        if not math.isfinite(val_loss):
+            raise TrainingError(f"the validation loss became {val_loss} at epoch {epoch}: lower optimizer.lr.")
+        tracker.log_epoch(
+            epoch, {"train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val_loss, "val_accuracy": val_acc}
+        )
+        save_checkpoint(checkpoint, model, optimizer, epoch)
+        tracker.log_artifact(checkpoint, "checkpoints")
+    return TorchModel(model, device, run.trainer.batch_size)

@@ -1,0 +1,81 @@
+"""Shared fixtures: real Hydra composition, a real MLflow store and a small real data set in tmp."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import mlflow
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from runner.config import register_schemas
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+register_schemas()
+
+# A few dozen small synthetic images: fast, yet a real generator, decoder, split and model.
+TINY = [
+    "dataset.samples_per_class=16",
+    "dataset.source_size=64",
+    "dataset.image_size=32",
+    "trainer.epochs=2",
+    "trainer.batch_size=8",
+    "trainer.progress=false",
+]
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One data cache for the session, so the synthetic set is generated once."""
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> dict[str, str]:
+    """A fresh sqlite MLflow store with artifacts in tmp."""
+    return {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "artifacts": str(tmp_path / "mlruns")}
+
+
+@pytest.fixture
+def make_cfg(store: dict[str, str], data_cache: Path) -> Callable[..., DictConfig]:
+    """Compose the real conf/ with overrides, pointed at the tmp store and data cache."""
+
+    def _make(*overrides: str, tiny: bool = True) -> DictConfig:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return compose(
+                "config",
+                overrides=[
+                    *(TINY if tiny else []),
+                    f"tracking.uri={store['uri']}",
+                    f"tracking.artifact_root={store['artifacts']}",
+                    f"dataset.cache_dir={data_cache}",
+                    *overrides,
+                ],
+            )
+
+    return _make
+
+
+@pytest.fixture
+def client(store: dict[str, str]) -> mlflow.MlflowClient:
+    mlflow.set_tracking_uri(store["uri"])
+    return mlflow.MlflowClient(store["uri"])
+
+
+@pytest.fixture
+def cli(store: dict[str, str], data_cache: Path, tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
+    """Run ``python -m runner`` in a subprocess, in tmp, against the tmp store."""
+
+    def _run(*args: str, tiny: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+        env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"], "CRACK_RUNNER_DATA": str(data_cache)}
+        cmd = [sys.executable, "-m", "runner", *(TINY if tiny else []), f"tracking.artifact_root={store['artifacts']}", *args]
+        return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+
+    return _run

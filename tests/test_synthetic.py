@@ -1,0 +1,91 @@
+"""The synthetic generator must be reproducible, laid out like the real set, and cacheable."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from datasets.synthetic import CLASS_NAMES, MARKER_NAME, generate
+
+SIZE = 64
+PER_CLASS = 6
+
+
+def _contents(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.jpg"))}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One data set generated serially, shared by the tests that only read it."""
+    return generate(tmp_path_factory.mktemp("ref") / "data", PER_CLASS, SIZE, seed=3, workers=1)
+
+
+def test_layout(reference: Path) -> None:
+    assert sorted(p.name for p in reference.iterdir() if p.is_dir()) == sorted(CLASS_NAMES)
+    for name in CLASS_NAMES:
+        files = sorted((reference / name).iterdir())
+        assert [f.name for f in files] == [f"{i:05d}.jpg" for i in range(1, PER_CLASS + 1)]
+        for f in files:
+            with Image.open(f) as image:
+                assert image.format == "JPEG"
+                assert image.mode == "RGB"
+                assert image.size == (SIZE, SIZE)
+
+
+def test_same_seed_is_byte_identical_whatever_the_workers(reference: Path, tmp_path: Path) -> None:
+    again = generate(tmp_path / "again", PER_CLASS, SIZE, seed=3, workers=2)
+    assert _contents(again) == _contents(reference)
+
+
+def test_different_seed_differs(reference: Path, tmp_path: Path) -> None:
+    other = _contents(generate(tmp_path / "other", PER_CLASS, SIZE, seed=4, workers=1))
+    ref = _contents(reference)
+    assert other.keys() == ref.keys()
+    assert all(other[k] != ref[k] for k in ref)
+
+
+def test_classes_and_images_differ(reference: Path) -> None:
+    contents = _contents(reference)
+    assert len(set(contents.values())) == len(contents)
+
+
+def test_marker_makes_second_call_a_no_op(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    generate(root, 2, SIZE, seed=0, workers=1)
+    assert json.loads((root / MARKER_NAME).read_text())["samples_per_class"] == 2
+    mtimes = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
+    assert generate(root, 2, SIZE, seed=0, workers=2) == root
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == mtimes
+    assert list(tmp_path.iterdir()) == [root]  # no staging folder left behind
+
+
+def test_other_parameters_replace_a_generated_set(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    generate(root, 2, SIZE, seed=0, workers=1)
+    generate(root, 3, SIZE, seed=0, workers=1)
+    assert len(list((root / "Positive").glob("*.jpg"))) == 3
+    assert list(tmp_path.iterdir()) == [root]
+
+
+def test_foreign_folder_is_not_overwritten(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "mine.txt").write_text("keep")
+    with pytest.raises(FileExistsError):
+        generate(root, 2, SIZE, workers=1)
+    assert (root / "mine.txt").read_text() == "keep"
+    assert list(tmp_path.iterdir()) == [root]
+
+
+def test_failed_generation_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def explode(*args: object) -> None:
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr("datasets.synthetic._render_job", explode)
+    with pytest.raises(RuntimeError):
+        generate(tmp_path / "data", 2, SIZE, workers=1)
+    assert list(tmp_path.iterdir()) == []
