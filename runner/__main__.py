@@ -6,6 +6,7 @@ import logging
 import sys
 
 import hydra
+from mlflow.entities import RunStatus
 from omegaconf import DictConfig
 
 from runner.config import register_schemas
@@ -28,5 +29,23 @@ def main(cfg: DictConfig) -> float:
         sys.exit(2)
 
 
+def cli() -> None:
+    """Run ``main``; if a sweep dies, its MLflow parent run is closed as FAILED or KILLED, never left RUNNING."""
+    from runner.sweep import close_open_parents
+
+    status = RunStatus.FAILED
+    try:
+        main()
+        status = RunStatus.FINISHED
+    except KeyboardInterrupt:
+        status = RunStatus.KILLED
+        raise
+    except SystemExit as stop:
+        status = RunStatus.FINISHED if stop.code in (0, None) else RunStatus.FAILED
+        raise
+    finally:
+        close_open_parents(RunStatus.to_string(status))
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
@@ -15,43 +18,77 @@ from omegaconf import DictConfig
 
 import datasets
 from runner import summary
-from runner.config import to_run_config
+from runner.config import RunConfig, to_run_config
 from runner.dispatch import trainer_for
 from runner.evaluate import evaluate_and_log
+from runner.files import absolute_path
 from runner.seeding import seed_everything
 from runner.tracking import start_run
 
 log = logging.getLogger(__name__)
 
-# Objectives a sweeper should minimise; every other objective is maximised.
-MINIMISED = {"val_loss"}
+
+@dataclass(frozen=True)
+class JobContext:
+    """What Hydra tells a job about itself; neutral defaults when called from Python."""
+
+    output_dir: Path
+    overrides: list[str] = field(default_factory=list)
+    sweep: str | None = None
+    job_num: int = 0
+    threads: int | None = None  # None: all cores (one job at a time)
 
 
-def _hydra_context() -> tuple[Path, list[str], dict[str, str]]:
-    """Output folder, command-line overrides and sweep tags of the current Hydra job."""
+def job_context() -> JobContext:
     if not HydraConfig.initialized():  # called from Python (tests, notebooks) without @hydra.main
-        return Path(tempfile.mkdtemp(prefix="runner-")), [], {}
+        return JobContext(Path(tempfile.mkdtemp(prefix="runner-")))
     hc = HydraConfig.get()
-    tags: dict[str, str] = {}
-    if hc.mode == RunMode.MULTIRUN:
-        tags = {"sweep": Path(hc.sweep.dir).as_posix(), "sweep_job": str(hc.job.num)}
-    return Path(hc.runtime.output_dir), list(hc.overrides.task), tags
+    if hc.mode != RunMode.MULTIRUN:
+        return JobContext(Path(hc.runtime.output_dir), list(hc.overrides.task))
+    return JobContext(
+        Path(hc.runtime.output_dir),
+        list(hc.overrides.task),
+        sweep=str(hc.sweep.dir),
+        job_num=int(hc.job.num),
+        threads=_threads_per_job(hc.launcher),
+    )
+
+
+def _threads_per_job(launcher: DictConfig) -> int | None:
+    """Cores one job may use when the launcher runs several at once, so they don't oversubscribe."""
+    cores = os.cpu_count() or 1
+    if "n_jobs" in launcher:  # joblib: n_jobs processes at once, -1 = one per core
+        n_jobs = int(launcher.n_jobs or 1)
+        return max(1, cores // (cores if n_jobs < 0 else n_jobs))
+    if "ray" in launcher:  # Ray: each task reserves ray.remote.num_cpus cores on its node
+        return int(launcher.ray.get("remote", {}).get("num_cpus") or 1)
+    return None
+
+
+def _localise(run: RunConfig, job: JobContext) -> RunConfig:
+    """Absolute data paths, and threads shared out so parallel sweep jobs don't oversubscribe the cores."""
+    run.dataset.cache_dir = str(absolute_path(run.dataset.cache_dir))
+    if run.dataset.path:
+        run.dataset.path = str(absolute_path(run.dataset.path))
+    if run.trainer.num_threads is None:
+        run.trainer = dataclasses.replace(run.trainer, num_threads=job.threads or os.cpu_count() or 1)
+    return run
 
 
 def run(cfg: DictConfig) -> float:
     """Run one experiment and return its objective (``cfg.objective``) for Hydra sweepers."""
-    run_cfg = to_run_config(cfg)
+    job = job_context()
+    run_cfg = _localise(to_run_config(cfg), job)
     trainer = trainer_for(run_cfg.model.framework)
     seed_everything(run_cfg.seed)
     data = datasets.load(run_cfg.dataset, run_cfg.seed, progress=run_cfg.trainer.progress)
-    output_dir, overrides, sweep_tags = _hydra_context()
     tags = {
         "framework": run_cfg.model.framework,
         "model": run_cfg.model.name,
         "dataset": run_cfg.dataset.name,
         "dataset_fingerprint": data.fingerprint,
         "skipped_images": len(data.skipped),
-        **sweep_tags,
+        **({"sweep_job": job.job_num} if job.sweep else {}),
     }
     extra_params = {
         **trainer.versions(),
@@ -61,8 +98,10 @@ def run(cfg: DictConfig) -> float:
         "num_train": len(data.train),
         "num_val": len(data.val),
         "num_test": len(data.test),
+        "threads": run_cfg.trainer.num_threads,
     }
-    with start_run(cfg, output_dir, tags, extra_params, overrides) as tracker:
+    run_name = run_cfg.tracking.run_name or " ".join([run_cfg.model.name, *job.overrides])
+    with start_run(cfg, run_name, job.output_dir, tags, extra_params, job.overrides, job.sweep) as tracker:
         if data.skipped:
             tracker.log_json({"skipped": data.skipped}, "data/skipped_images.json")
         model = trainer.fit(run_cfg, data, tracker)

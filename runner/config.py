@@ -225,8 +225,9 @@ class RunConfig:
         )
 
 
-# Metrics a sweeper may optimise; all are maximised except losses.
+# Metrics a sweeper may optimise; all are maximised except those in MINIMISED.
 OBJECTIVES = ("val_accuracy", "val_loss", "test_accuracy", "test_f1", "test_roc_auc")
+MINIMISED = frozenset({"val_loss"})
 
 _SCHEMAS: dict[str, dict[str, type]] = {
     "dataset": {

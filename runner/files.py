@@ -7,6 +7,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import to_absolute_path
+
+
+def absolute_path(path: str) -> Path:
+    """``path`` relative to the folder the command was started in, also inside sweep and Ray jobs."""
+    expanded = str(Path(path).expanduser())
+    return Path(to_absolute_path(expanded)) if HydraConfig.initialized() else Path(expanded).resolve()
+
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:

@@ -22,6 +22,7 @@ from mlflow.models import infer_signature
 from omegaconf import DictConfig, OmegaConf
 
 from runner.errors import ConfigError
+from runner.files import absolute_path
 
 log = logging.getLogger(__name__)
 
@@ -116,42 +117,71 @@ def git_commit() -> str:
     return commit + ("-dirty" if dirty else "")
 
 
-def _experiment_id(uri: str, name: str, artifact_root: str) -> str:
+SWEEP_PARENT_ROLE = "sweep_parent"
+
+
+def find_sweep_parent(client: mlflow.MlflowClient, experiment: str, sweep: str) -> str | None:
+    """The run id of a sweep's parent run (made by runner.sweep in the launching process), if any."""
+    runs = client.search_runs(
+        [experiment],
+        filter_string=f"tags.sweep_id = '{sweep}' AND tags.sweep_role = '{SWEEP_PARENT_ROLE}'",
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """``sqlite:///mlflow.db`` made absolute, so every job of a sweep writes to the same store."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + absolute_path(uri[len(prefix) :]).as_posix()
+    return uri
+
+
+def experiment_id(uri: str, name: str, artifact_root: str) -> str:
     """Get or create the experiment; local stores keep its artifacts under ``artifact_root``."""
-    experiment = mlflow.get_experiment_by_name(name)
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
     local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
-    location = Path(artifact_root).expanduser().resolve().as_uri() if local else None
+    location = absolute_path(artifact_root).as_uri() if local else None
     try:
-        return mlflow.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location)
     except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel sweep job
-        return mlflow.get_experiment_by_name(name).experiment_id
+        return client.get_experiment_by_name(name).experiment_id
 
 
 @contextmanager
 def start_run(
     cfg: DictConfig,
+    run_name: str,
     output_dir: Path,
     tags: Mapping[str, Any],
     extra_params: Mapping[str, Any],
     overrides: list[str],
+    sweep: str | None = None,
 ) -> Iterator[Tracker]:
     """Open an MLflow run holding the whole resolved config; close it FINISHED, FAILED or KILLED.
 
     Whatever was logged before an error stays in the run: the status tells how it ended.
+    A sweep job nests under its sweep's parent run.
     """
-    uri = cfg.tracking.uri
+    uri = absolute_tracking_uri(cfg.tracking.uri)
     mlflow.set_tracking_uri(uri)
     try:
-        experiment_id = _experiment_id(uri, cfg.tracking.experiment, cfg.tracking.artifact_root)
+        exp = experiment_id(uri, cfg.tracking.experiment, cfg.tracking.artifact_root)
     except mlflow.exceptions.MlflowException as err:
         raise ConfigError(
             f"tracking.uri={uri!r} cannot be used: {err}. Use a writable sqlite:///file.db, a folder, "
             "or a running MLflow server (http://host:port)."
         ) from None
-    all_tags = {"git_commit": git_commit(), "mlflow.source.git.commit": git_commit(), **tags}
-    active = mlflow.start_run(experiment_id=experiment_id, run_name=cfg.tracking.run_name, tags=all_tags)
+    commit = git_commit()
+    all_tags = {"git_commit": commit, "mlflow.source.git.commit": commit, "overrides": " ".join(overrides), **tags}
+    if sweep is not None:
+        parent = find_sweep_parent(mlflow.MlflowClient(uri), exp, sweep)
+        all_tags.update({"sweep_id": sweep, **({"mlflow.parentRunId": parent} if parent else {})})
+    active = mlflow.start_run(experiment_id=exp, run_name=run_name[:250], tags={k: str(v) for k, v in all_tags.items()})
     tracker = Tracker(active.info.run_id, output_dir)
     status = RunStatus.to_string(RunStatus.FAILED)
     try:

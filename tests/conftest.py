@@ -75,7 +75,9 @@ def cli(store: dict[str, str], data_cache: Path, tmp_path: Path) -> Callable[...
 
     def _run(*args: str, tiny: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
         env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"], "CRACK_RUNNER_DATA": str(data_cache)}
-        cmd = [sys.executable, "-m", "runner", *(TINY if tiny else []), f"tracking.artifact_root={store['artifacts']}", *args]
+        flags = [a for a in args if a.startswith("-")]  # Hydra wants -m and --help before the overrides
+        overrides = [a for a in args if not a.startswith("-")]
+        cmd = [sys.executable, "-m", "runner", *flags, *(TINY if tiny else []), f"tracking.artifact_root={store['artifacts']}", *overrides]
         return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
 
     return _run

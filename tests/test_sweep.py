@@ -1,0 +1,151 @@
+"""Sweeps: grouped under one MLflow parent, parallel and Ray launchers, Optuna, a real server, compare."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from runner import compare
+
+pytestmark = pytest.mark.slow
+
+
+def sweep_runs(uri: str, experiment: str = "crack-classification") -> tuple[list, list]:
+    """(parent runs, job runs) of the store."""
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    parents = [r for r in runs if r.data.tags.get("sweep_role") == "sweep_parent"]
+    return parents, [r for r in runs if r not in parents]
+
+
+def assert_grouped(uri: str, n_jobs: int) -> list:
+    """One FINISHED parent, n_jobs FINISHED complete jobs nested under it, none RUNNING."""
+    (parent,), jobs = sweep_runs(uri)
+    assert parent.info.status == "FINISHED"
+    assert len(jobs) == n_jobs
+    for job in jobs:
+        assert job.info.status == "FINISHED"
+        assert job.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert job.data.tags["sweep_id"] == parent.data.tags["sweep_id"]
+        assert {"test_accuracy", "test_roc_auc", "val_accuracy"} <= set(job.data.metrics)
+        assert job.data.tags.get("model_uri", "").startswith("models:/")
+    best = max(j.data.metrics["val_accuracy"] for j in jobs)
+    assert parent.data.metrics["best_val_accuracy"] == pytest.approx(best)
+    assert parent.data.metrics["jobs"] == n_jobs
+    return jobs
+
+
+def test_multirun_of_three_learning_rates_is_one_group_and_compares(cli, store, tmp_path):
+    result = cli("-m", "optimizer.lr=0.1,0.01,0.001")
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = assert_grouped(store["uri"], 3)
+    assert sorted(j.data.params["optimizer.lr"] for j in jobs) == ["0.001", "0.01", "0.1"]
+    assert {j.data.tags["sweep_job"] for j in jobs} == {"0", "1", "2"}
+
+    runs, sweep = compare.load_runs(store["uri"], "crack-classification", None, latest_sweep=True)
+    frame = compare.table(runs, "val_accuracy")
+    assert sweep == jobs[0].data.tags["sweep_id"]
+    assert list(frame.columns[:3]) == ["run_id", "status", "optimizer.lr"]
+    assert "trainer.epochs" not in frame.columns  # only the swept keys
+    assert frame["val_accuracy"].is_monotonic_decreasing and len(frame) == 3
+
+    out = tmp_path / "sweep.md"
+    shown = subprocess.run(
+        [sys.executable, "-m", "runner.compare", "--tracking-uri", store["uri"], "--format", "markdown", "--output", str(out)],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert "| optimizer.lr" in shown and out.read_text().count("| FINISHED") == 3
+    csv = subprocess.run(
+        [sys.executable, "-m", "runner.compare", "--tracking-uri", store["uri"], "--format", "csv", "--metric", "test_f1"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    lines = csv.splitlines()
+    assert lines[0].startswith("run_id,status,optimizer.lr,test_f1,") and len(lines) == 4
+
+
+def test_joblib_runs_four_jobs_in_parallel_without_losing_any(cli, store):
+    result = cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=4", "optimizer.lr=0.1,0.01,0.001,0.0001")
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = assert_grouped(store["uri"], 4)
+    assert {j.data.params["threads"] for j in jobs} == {"1"}  # 2 cores shared by 4 processes
+    client = mlflow.MlflowClient(store["uri"])
+    for job in jobs:
+        assert {a.path for a in client.list_artifacts(job.info.run_id, "checkpoints")} == {"checkpoints/last.pt"}
+        assert len(client.get_metric_history(job.info.run_id, "val_loss")) == 2
+
+
+def test_ray_launcher_runs_two_jobs(cli, store):
+    result = cli("-m", "hydra/launcher=ray", "+hydra.launcher.ray.init.num_cpus=2", "optimizer.lr=0.01,0.001")
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = assert_grouped(store["uri"], 2)
+    assert {j.data.params["threads"] for j in jobs} == {"1"}  # one core per Ray task
+
+
+def test_optuna_search_logs_every_trial(cli, store):
+    result = cli("-m", "+experiment=optuna_linear", "hydra.sweeper.n_trials=3", "trainer.epochs=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = assert_grouped(store["uri"], 3)
+    assert len({j.data.params["optimizer.lr"] for j in jobs}) == 3
+    assert "Best value" in result.stderr + result.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path):
+    """A real `mlflow server` on loopback: sqlite backend, served artifact store."""
+    port = _free_port()
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "server-artifacts")],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("mlflow server did not start:\n" + (tmp_path / "server.log").read_text()[-3000:])
+                time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def test_run_logs_through_a_real_tracking_server(cli, mlflow_server, tmp_path):
+    result = cli(f"tracking.uri={mlflow_server}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"open {mlflow_server} in a browser" in result.stderr
+    client = mlflow.MlflowClient(mlflow_server)
+    (run,) = client.search_runs([client.get_experiment_by_name("crack-classification").experiment_id])
+    assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
+    assert {"checkpoints", "config", "plots"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert (tmp_path / "server-artifacts").is_dir()  # artifacts went through the server
+    mlflow.set_tracking_uri(mlflow_server)
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    assert model.metadata.get_input_schema().inputs[0].shape == (-1, 32, 32, 3)
+
+
+def test_experiment_presets_compose(make_cfg):
+    from runner.config import to_run_config
+
+    linear = to_run_config(make_cfg("+experiment=linear", tiny=False))
+    assert linear.model.name == "linear" and linear.trainer.epochs == 5 and linear.tracking.experiment == "capstone-linear"
