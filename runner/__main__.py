@@ -6,7 +6,6 @@ import logging
 import sys
 
 import hydra
-from mlflow.entities import RunStatus
 from omegaconf import DictConfig
 
 from runner.config import register_schemas
@@ -31,20 +30,19 @@ def main(cfg: DictConfig) -> float:
 
 def cli() -> None:
     """Run ``main``; if a sweep dies, its MLflow parent run is closed as FAILED or KILLED, never left RUNNING."""
-    from runner.sweep import close_open_parents
-
-    status = RunStatus.FAILED
+    status = "FAILED"
     try:
         main()
-        status = RunStatus.FINISHED
+        status = "FINISHED"
     except KeyboardInterrupt:
-        status = RunStatus.KILLED
+        status = "KILLED"
         raise
     except SystemExit as stop:
-        status = RunStatus.FINISHED if stop.code in (0, None) else RunStatus.FAILED
+        status = "FINISHED" if stop.code in (0, None) else "FAILED"
         raise
     finally:
-        close_open_parents(RunStatus.to_string(status))
+        if "runner.sweep" in sys.modules:  # Hydra made the sweep callback: close what it left open
+            sys.modules["runner.sweep"].close_open_parents(status)
 
 
 if __name__ == "__main__":
