@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 import hydra
@@ -30,13 +31,15 @@ def main(cfg: DictConfig) -> float:
 
 def cli() -> None:
     """Run ``main``; if a sweep dies, its MLflow parent run is closed as FAILED or KILLED, never left RUNNING."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops a run like Ctrl-C does
     status = "FAILED"
     try:
         main()
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
-        raise
+        log.error("interrupted: the MLflow run is marked KILLED and keeps its last complete checkpoint")
+        sys.exit(130)
     except SystemExit as stop:
         status = "FINISHED" if stop.code in (0, None) else "FAILED"
         raise

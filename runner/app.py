@@ -23,7 +23,7 @@ from runner.dispatch import trainer_for
 from runner.evaluate import evaluate_and_log
 from runner.files import absolute_path
 from runner.seeding import seed_everything
-from runner.tracking import start_run
+from runner.tracking import prepare_resume, start_run
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +101,11 @@ def run(cfg: DictConfig) -> float:
         "threads": run_cfg.trainer.num_threads,
     }
     run_name = run_cfg.tracking.run_name or " ".join([run_cfg.model.name, *job.overrides])
-    with start_run(cfg, run_name, job.output_dir, tags, extra_params, job.overrides, job.sweep) as tracker:
+    resume_from = prepare_resume(cfg, run_cfg.resume, job.output_dir / "resume") if run_cfg.resume else None
+    with start_run(cfg, run_name, job.output_dir, tags, extra_params, job.overrides, job.sweep, run_cfg.resume) as tracker:
         if data.skipped:
             tracker.log_json({"skipped": data.skipped}, "data/skipped_images.json")
-        model = trainer.fit(run_cfg, data, tracker)
+        model = trainer.fit(run_cfg, data, tracker, resume_from)
         metrics = evaluate_and_log(model, data, tracker)
         model.log_model(tracker, data.train.images[:4].astype(np.float32))
     summary.report(metrics, tracker.run_id, run_cfg.tracking.experiment, run_cfg.tracking.uri, tracker.model_uri)

@@ -195,6 +195,7 @@ class RunConfig:
     freeze_depth: Optional[int] = None
     fine_tune_lr: Optional[float] = None
     objective: str = "val_accuracy"
+    resume: Optional[str] = None
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 

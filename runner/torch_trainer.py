@@ -23,6 +23,8 @@ from runner.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
+CHECKPOINT = "last.pt"
+
 
 def versions() -> dict[str, str]:
     return {"framework": "torch", "torch_version": torch.__version__}
@@ -127,20 +129,39 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> tupl
     return total_loss / seen, correct / seen
 
 
-def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int) -> None:
-    """Everything needed to continue training after ``epoch``, written atomically."""
+def save_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, shuffle: torch.Generator, epoch: int
+) -> None:
+    """Everything needed to continue exactly after ``epoch`` (weights, optimizer, RNGs), written atomically."""
     state = {
         "epoch": epoch,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
+        "shuffle_rng": shuffle.get_state(),
         "torch_rng": torch.get_rng_state(),
     }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
-def fit(run: RunConfig, data: DataSplits, tracker: Tracker) -> TorchModel:
-    """Train the linear classifier with per-epoch train/val metrics and a checkpoint each epoch."""
+def load_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, shuffle: torch.Generator
+) -> int:
+    """Restore a checkpoint written by :func:`save_checkpoint`; returns the epoch it ended."""
+    state = torch.load(path, map_location="cpu")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    shuffle.set_state(state["shuffle_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["epoch"])
+
+
+def fit(run: RunConfig, data: DataSplits, tracker: Tracker, resume_from: Path | None = None) -> TorchModel:
+    """Train the linear classifier with per-epoch train/val metrics and a checkpoint each epoch.
+
+    ``resume_from``: a folder with the ``last.pt`` of an interrupted run; training goes on
+    after its epoch and ends with the same weights as an uninterrupted run.
+    """
     torch.set_num_threads(run.trainer.num_threads or os.cpu_count() or 1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     mean, std = channel_stats(data.train.images)
@@ -149,18 +170,21 @@ def fit(run: RunConfig, data: DataSplits, tracker: Tracker) -> TorchModel:
     tracker.log_params({"device": device.type, "trainable_params": sum(p.numel() for p in model.parameters())})
     train_loader = _loader(data.train, run.trainer.batch_size, shuffle=True, seed=run.seed)
     val_loader = _loader(data.val, run.trainer.batch_size, shuffle=False, seed=run.seed)
-    checkpoint = tracker.output_dir / "checkpoints" / "last.pt"
+    checkpoint = tracker.output_dir / "checkpoints" / CHECKPOINT
+    shuffle = train_loader.generator
+    done = load_checkpoint(resume_from / CHECKPOINT, model, optimizer, shuffle) if resume_from else 0
+    tracker.rewind(done)
     epochs = run.trainer.epochs
-    for epoch in range(1, epochs + 1):
+    for epoch in range(done + 1, epochs + 1):
         train_loss, train_acc = train_one_epoch(
             model, train_loader, optimizer, device, f"epoch {epoch}/{epochs}", run.trainer.progress
         )
         val_loss, val_acc = evaluate(model, val_loader, device)
         if not math.isfinite(val_loss):
             raise TrainingError(f"the validation loss became {val_loss} at epoch {epoch}: lower optimizer.lr.")
+        save_checkpoint(checkpoint, model, optimizer, shuffle, epoch)
         tracker.log_epoch(
             epoch, {"train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val_loss, "val_accuracy": val_acc}
         )
-        save_checkpoint(checkpoint, model, optimizer, epoch)
         tracker.log_artifact(checkpoint, "checkpoints")
     return TorchModel(model, device, run.trainer.batch_size)

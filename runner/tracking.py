@@ -39,11 +39,20 @@ class Tracker:
         self.model_uri: str | None = None
 
     def log_epoch(self, step: int, metrics: Mapping[str, float], phase: str = "train") -> None:
-        """Per-epoch metrics at a step that keeps counting across training phases."""
+        """Per-epoch metrics at a step that keeps counting across training phases.
+
+        The history also goes to ``history.json`` each epoch, so a resumed run can redraw
+        its learning curves with the phases of the epochs before the interruption.
+        """
         values = {k: float(v) for k, v in metrics.items()}
         mlflow.log_metrics(values, step=step)
         self.history.append({"step": step, "phase": phase, **values})
+        self.log_json(self.history, HISTORY)
         log.info("epoch %d [%s] %s", step, phase, "  ".join(f"{k}={v:.4f}" for k, v in values.items()))
+
+    def rewind(self, step: int) -> None:
+        """Forget epochs after ``step``: a resumed run repeats what its last checkpoint did not hold."""
+        self.history = [h for h in self.history if h["step"] <= step]
 
     def log_metrics(self, metrics: Mapping[str, float]) -> None:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
@@ -118,6 +127,12 @@ def git_commit() -> str:
 
 
 SWEEP_PARENT_ROLE = "sweep_parent"
+HISTORY = "history.json"
+# Keys that may change when an interrupted run is resumed: where and how it runs, not what.
+RESUME_MAY_DIFFER = frozenset(
+    {"resume", "trainer.progress", "trainer.num_threads", "tracking.uri", "tracking.run_name",
+     "tracking.artifact_root", "dataset.cache_dir", "dataset.decode_workers"}
+)
 
 
 def find_sweep_parent(client: mlflow.MlflowClient, experiment: str, sweep: str) -> str | None:
@@ -152,6 +167,34 @@ def experiment_id(uri: str, name: str, artifact_root: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
+def prepare_resume(cfg: DictConfig, run_id: str, into: Path) -> Path:
+    """Check that run ``run_id`` can be continued with ``cfg`` and download its checkpoints into ``into``."""
+    uri = absolute_tracking_uri(cfg.tracking.uri)
+    client = mlflow.MlflowClient(uri)
+    try:
+        previous = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise ConfigError(f"resume={run_id}: no such run in {uri}. Pass the run id printed by the interrupted run.") from None
+    if previous.info.status == "FINISHED":
+        raise ConfigError(f"resume={run_id}: that run already FINISHED; there is nothing to continue.")
+    logged = previous.data.params
+    differing = sorted(
+        key for key, value in flatten(cfg).items()
+        if key not in RESUME_MAY_DIFFER and key in logged and str(value) != logged[key]
+    )
+    if differing:
+        changes = ", ".join(f"{k}={logged[k]} (now {flatten(cfg)[k]})" for k in differing)
+        raise ConfigError(
+            f"resume={run_id}: the configuration differs from the interrupted run's: {changes}. "
+            "Resume with the same overrides as the original command."
+        )
+    try:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoints", dst_path=str(into), tracking_uri=uri)
+    except (mlflow.exceptions.MlflowException, OSError):
+        raise ConfigError(f"resume={run_id}: the run has no checkpoint yet (it stopped before its first epoch ended); start it anew.") from None
+    return Path(local)
+
+
 @contextmanager
 def start_run(
     cfg: DictConfig,
@@ -161,11 +204,12 @@ def start_run(
     extra_params: Mapping[str, Any],
     overrides: list[str],
     sweep: str | None = None,
+    resume: str | None = None,
 ) -> Iterator[Tracker]:
     """Open an MLflow run holding the whole resolved config; close it FINISHED, FAILED or KILLED.
 
     Whatever was logged before an error stays in the run: the status tells how it ended.
-    A sweep job nests under its sweep's parent run.
+    A sweep job nests under its sweep's parent run; ``resume`` reopens an interrupted run.
     """
     uri = absolute_tracking_uri(cfg.tracking.uri)
     mlflow.set_tracking_uri(uri)
@@ -181,17 +225,25 @@ def start_run(
     if sweep is not None:
         parent = find_sweep_parent(mlflow.MlflowClient(uri), exp, sweep)
         all_tags.update({"sweep_id": sweep, **({"mlflow.parentRunId": parent} if parent else {})})
-    active = mlflow.start_run(experiment_id=exp, run_name=run_name[:250], tags={k: str(v) for k, v in all_tags.items()})
+    if resume is None:
+        active = mlflow.start_run(experiment_id=exp, run_name=run_name[:250], tags={k: str(v) for k, v in all_tags.items()})
+    else:
+        active = mlflow.start_run(run_id=resume)
     tracker = Tracker(active.info.run_id, output_dir)
     status = RunStatus.to_string(RunStatus.FAILED)
     try:
-        tracker.log_params({**flatten(cfg), **extra_params, "python_version": platform.python_version()})
-        tracker.log_json(OmegaConf.to_container(cfg, resolve=True), "config/config.yaml")
-        tracker.log_json({"overrides": overrides}, "config/overrides.yaml")
+        if resume is None:
+            tracker.log_params({**flatten(cfg), **extra_params, "python_version": platform.python_version()})
+            tracker.log_json(OmegaConf.to_container(cfg, resolve=True), "config/config.yaml")
+            tracker.log_json({"overrides": overrides}, "config/overrides.yaml")
+        else:
+            tracker.history = mlflow.artifacts.load_dict(f"{active.info.artifact_uri}/{HISTORY}")
+            tracker.set_tags({"resumed_with": " ".join(overrides), "resumed_commit": commit})
         yield tracker
         status = RunStatus.to_string(RunStatus.FINISHED)
     except KeyboardInterrupt:
         status = RunStatus.to_string(RunStatus.KILLED)
+        log.error("run %s interrupted; continue it with: resume=%s (and the same overrides)", tracker.run_id, tracker.run_id)
         raise
     finally:
         mlflow.end_run(status)
