@@ -78,7 +78,7 @@ def fingerprint(images: ImageList) -> str:
     return digest.hexdigest()[:16]
 
 
-def _decode(path: Path, size: int) -> np.ndarray | str:
+def decode_image(path: Path, size: int) -> np.ndarray | str:
     """One RGB image at size x size as uint8, or the reason it could not be read."""
     try:
         with Image.open(path) as img:
@@ -104,7 +104,7 @@ def decode_images(
     ok: list[int] = []
     skipped: list[str] = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(_decode, paths, [size] * len(paths), chunksize=16)
+        results = pool.map(decode_image, paths, [size] * len(paths), chunksize=16)
         for i, result in enumerate(tqdm(results, total=len(paths), desc="decode", unit="img", disable=not progress)):
             if isinstance(result, str):
                 skipped.append(f"{paths[i]} ({result})")

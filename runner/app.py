@@ -23,7 +23,7 @@ from runner.dispatch import trainer_for
 from runner.evaluate import evaluate_and_log
 from runner.files import absolute_path
 from runner.seeding import seed_everything
-from runner.tracking import prepare_resume, start_run
+from runner.tracking import absolute_tracking_uri, open_store, prepare_resume, start_run
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ def run(cfg: DictConfig) -> float:
     """Run one experiment and return its objective (``cfg.objective``) for Hydra sweepers."""
     job = job_context()
     run_cfg = _localise(to_run_config(cfg), job)
+    open_store(absolute_tracking_uri(run_cfg.tracking.uri), run_cfg.tracking.experiment, run_cfg.tracking.artifact_root)
     trainer = trainer_for(run_cfg.model.framework)
     seed_everything(run_cfg.seed)
     data = datasets.load(run_cfg.dataset, run_cfg.seed, progress=run_cfg.trainer.progress)
@@ -107,6 +108,7 @@ def run(cfg: DictConfig) -> float:
             tracker.log_json({"skipped": data.skipped}, "data/skipped_images.json")
         model = trainer.fit(run_cfg, data, tracker, resume_from)
         metrics = evaluate_and_log(model, data, tracker)
+        tracker.model_metadata["classes"] = data.classes
         model.log_model(tracker, data.train.images[:4].astype(np.float32))
     summary.report(metrics, tracker.run_id, run_cfg.tracking.experiment, run_cfg.tracking.uri, tracker.model_uri)
     return metrics[run_cfg.objective]

@@ -21,16 +21,33 @@ class TrainedModel(Protocol):
 
 
 def evaluate_and_log(model: TrainedModel, data: DataSplits, tracker: Tracker) -> dict[str, float]:
-    """Score the held-out test split and log metrics (``test_*``), plots and metrics.json."""
+    """Score the held-out test split and log metrics (``test_*``), plots, metrics.json and test_predictions.json."""
     probs = model.predict_proba(data.test.images)
-    test = {f"test_{k}": v for k, v in classification_metrics(data.test.labels, probs, data.classes).items()}
+    labels = data.test.labels
+    test = {f"test_{k}": v for k, v in classification_metrics(labels, probs, data.classes).items()}
     tracker.log_metrics(test)
+    files = [path.relative_to(data.root).as_posix() for path in data.test.paths]
     for name, fig in (
         ("plots/learning_curves.png", plots.learning_curves(tracker.history)),
-        ("plots/confusion_matrix.png", plots.confusion_matrix_figure(confusion(data.test.labels, probs, len(data.classes)), data.classes)),
+        ("plots/confusion_matrix.png", plots.confusion_matrix_figure(confusion(labels, probs, len(data.classes)), data.classes)),
+        ("plots/roc_curve.png", plots.roc_figure(labels, probs, data.classes)),
+        ("plots/misclassified.png", plots.misclassified_grid(data.test.images, labels, probs, data.classes, files)),
     ):
         tracker.log_figure(fig, name)
         plots.close(fig)
     final_epoch = {k: v for k, v in tracker.history[-1].items() if k not in ("step", "phase")} if tracker.history else {}
     tracker.log_json({**final_epoch, **test, "classes": data.classes}, "metrics.json")
+    tracker.log_json(prediction_records(files, labels, probs, data.classes), "test_predictions.json")
     return {**final_epoch, **test}
+
+
+def prediction_records(files: list[str], labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> list[dict]:
+    """One record per test image (file under the data root, true and predicted class, its probability).
+
+    Which images a run gets wrong, and the reference that ``runner.predict`` is checked against.
+    """
+    preds = probs.argmax(axis=1)
+    return [
+        {"file": file, "true": classes[label], "predicted": classes[pred], "probability": float(p[pred])}
+        for file, label, pred, p in zip(files, labels, preds, probs)
+    ]

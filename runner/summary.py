@@ -26,6 +26,7 @@ def report(metrics: dict[str, float], run_id: str, experiment: str, tracking_uri
             "",
             f"MLflow run:  {run_id}  (experiment {experiment!r})",
             f"model:       {model_uri}",
+            f"predict:     python -m runner.predict {run_id} <images or folder>",
             f"MLflow UI:   {ui_command(tracking_uri)}   then open http://127.0.0.1:5000",
         ]
     )

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import requests
 import numpy as np
 from mlflow.entities import RunStatus
 from mlflow.models import infer_signature
@@ -37,6 +38,7 @@ class Tracker:
         self.output_dir = output_dir
         self.history: list[dict[str, Any]] = []
         self.model_uri: str | None = None
+        self.model_metadata: dict[str, Any] = {}  # saved in the MLmodel file, e.g. class names
 
     def log_epoch(self, step: int, metrics: Mapping[str, float], phase: str = "train") -> None:
         """Per-epoch metrics at a step that keeps counting across training phases.
@@ -91,6 +93,7 @@ class Tracker:
             name="model",
             signature=signature,
             input_example=example,
+            metadata=self.model_metadata or None,
             pip_requirements=requirements,
             **flavor_kwargs,
         )
@@ -167,6 +170,25 @@ def experiment_id(uri: str, name: str, artifact_root: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
+def open_store(uri: str, experiment: str, artifact_root: str) -> str:
+    """Point MLflow at ``uri`` and return the experiment id; a store that cannot be used is a ConfigError.
+
+    Called before the data is loaded, so a wrong tracking.uri fails in seconds, and a
+    server that does not answer fails at once instead of after MLflow's minutes of retries.
+    """
+    hint = "Start the server, or use a local store: tracking.uri=sqlite:///mlflow.db"
+    if uri.startswith(("http://", "https://")):
+        try:
+            requests.get(f"{uri.rstrip('/')}/health", timeout=10).raise_for_status()
+        except requests.RequestException as err:
+            raise ConfigError(f"tracking.uri={uri} does not answer ({type(err).__name__}: {err}). {hint}") from None
+    mlflow.set_tracking_uri(uri)
+    try:
+        return experiment_id(uri, experiment, artifact_root)
+    except Exception as err:  # noqa: BLE001 - sqlalchemy/OS/MLflow errors all mean the same to the user
+        raise ConfigError(f"tracking.uri={uri} cannot be used: {type(err).__name__}: {str(err)[:300]}. {hint}") from None
+
+
 def prepare_resume(cfg: DictConfig, run_id: str, into: Path) -> Path:
     """Check that run ``run_id`` can be continued with ``cfg`` and download its checkpoints into ``into``."""
     uri = absolute_tracking_uri(cfg.tracking.uri)
@@ -212,14 +234,7 @@ def start_run(
     A sweep job nests under its sweep's parent run; ``resume`` reopens an interrupted run.
     """
     uri = absolute_tracking_uri(cfg.tracking.uri)
-    mlflow.set_tracking_uri(uri)
-    try:
-        exp = experiment_id(uri, cfg.tracking.experiment, cfg.tracking.artifact_root)
-    except mlflow.exceptions.MlflowException as err:
-        raise ConfigError(
-            f"tracking.uri={uri!r} cannot be used: {err}. Use a writable sqlite:///file.db, a folder, "
-            "or a running MLflow server (http://host:port)."
-        ) from None
+    exp = open_store(uri, cfg.tracking.experiment, cfg.tracking.artifact_root)
     commit = git_commit()
     all_tags = {"git_commit": commit, "mlflow.source.git.commit": commit, "overrides": " ".join(overrides), **tags}
     if sweep is not None:
