@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from filelock import FileLock
 
+from datasets.decoded import load_decoded
 from datasets.folder import decode_images, fingerprint, limit_per_class, scan
 from datasets.split import stratified_split
 
@@ -69,7 +70,11 @@ def load(cfg, seed: int, progress: bool = True) -> DataSplits:
     """Decode the configured data set at ``cfg.image_size`` and split it with ``seed``."""
     images = limit_per_class(scan(resolve_root(cfg)), cfg.limit, seed)
     log.info("data: %d images in %d classes %s under %s", len(images.paths), len(images.classes), images.classes, images.root)
-    pixels, decoded, skipped = decode_images(images.paths, cfg.image_size, cfg.decode_workers, progress)
+    key = fingerprint(images)
+    if cfg.decode_cache:
+        pixels, decoded, skipped = load_decoded(images, cfg.image_size, Path(cfg.cache_dir).expanduser(), key, cfg.decode_workers, progress)
+    else:
+        pixels, decoded, skipped = decode_images(images.paths, cfg.image_size, cfg.decode_workers, progress)
     if skipped:
         log.warning("skipped %d unreadable image(s) of %d", len(skipped), len(images.paths))
     labels = images.labels[decoded]
@@ -84,7 +89,7 @@ def load(cfg, seed: int, progress: bool = True) -> DataSplits:
         train=take(idx.train),
         val=take(idx.val),
         test=take(idx.test),
-        fingerprint=fingerprint(images),
+        fingerprint=key,
         root=images.root,
         skipped=skipped,
     )

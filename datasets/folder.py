@@ -92,15 +92,17 @@ def decode_image(path: Path, size: int) -> np.ndarray | str:
 
 
 def decode_images(
-    paths: list[Path], size: int, workers: int | None = None, progress: bool = True
+    paths: list[Path], size: int, workers: int | None = None, progress: bool = True, out: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Decode ``paths`` in parallel threads (PIL releases the GIL while decoding).
 
     Returns the images (N, size, size, 3) uint8, the indices of ``paths`` that decoded, and
-    one warning line per skipped file, each naming it.
+    one warning line per skipped file, each naming it. ``out`` (e.g. a memory-mapped
+    array of len(paths) rows) receives the images, packed from row 0, instead of new memory.
     """
     workers = workers or os.cpu_count() or 1
-    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    if out is None:
+        out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     ok: list[int] = []
     skipped: list[str] = []
     with ThreadPoolExecutor(max_workers=workers) as pool:

@@ -47,6 +47,7 @@ class DatasetConfig:
     limit: Optional[int] = None
     cache_dir: str = "data"
     decode_workers: Optional[int] = None
+    decode_cache: bool = True
 
     def __post_init__(self) -> None:
         _require(self.image_size >= 8, "dataset.image_size", f"must be >= 8 pixels, got {self.image_size}")

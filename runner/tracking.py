@@ -134,7 +134,7 @@ HISTORY = "history.json"
 # Keys that may change when an interrupted run is resumed: where and how it runs, not what.
 RESUME_MAY_DIFFER = frozenset(
     {"resume", "trainer.progress", "trainer.num_threads", "tracking.uri", "tracking.run_name",
-     "tracking.artifact_root", "dataset.cache_dir", "dataset.decode_workers"}
+     "tracking.artifact_root", "dataset.cache_dir", "dataset.decode_workers", "dataset.decode_cache"}
 )
 
 

@@ -160,3 +160,42 @@ def test_local_zip_and_folder_paths(tmp_path, crack_zip):
     assert concrete_cracks.prepare(str(root), "unused", tmp_path / "cache") == root
     with pytest.raises(DataError, match="does not exist"):
         concrete_cracks.prepare(str(tmp_path / "nope.zip"), "unused", tmp_path / "cache")
+
+
+# --- the decoded-pixel cache -------------------------------------------------------------
+
+
+def test_decoded_cache_is_made_once_and_equals_a_fresh_decode(tmp_path, caplog):
+    from datasets.decoded import load_decoded
+
+    root = write_tree(tmp_path / "tree", {"Negative": 4, "Positive": 4}, size=30)
+    (root / "Positive" / "bad.jpg").write_bytes(b"garbage")
+    images = folder.scan(root)
+    key = folder.fingerprint(images)
+    pixels, ok, skipped = load_decoded(images, 16, tmp_path / "cache", key, workers=2, progress=False)
+    fresh, fresh_ok, _ = folder.decode_images(images.paths, 16, progress=False)
+    assert isinstance(pixels, np.memmap) and pixels.shape == (8, 16, 16, 3)
+    np.testing.assert_array_equal(pixels, fresh)
+    np.testing.assert_array_equal(ok, fresh_ok)
+    assert len(skipped) == 1 and "bad.jpg" in skipped[0]
+
+    cached = next((tmp_path / "cache" / "decoded").glob("*-16px"))
+    mtime = (cached / "pixels.npy").stat().st_mtime_ns
+    with caplog.at_level(logging.INFO):
+        again, _, skipped_again = load_decoded(images, 16, tmp_path / "cache", key, workers=2, progress=False)
+    assert (cached / "pixels.npy").stat().st_mtime_ns == mtime and "reusing" in caplog.text
+    assert "bad.jpg" in caplog.text and skipped_again == skipped  # still reported on reuse
+    np.testing.assert_array_equal(again, pixels)
+    assert not list((tmp_path / "cache" / "decoded").glob("*.partial"))
+
+
+def test_a_partial_decode_is_never_taken_for_the_cache(tmp_path):
+    from datasets.decoded import load_decoded
+
+    images = folder.scan(write_tree(tmp_path / "tree", {"Negative": 3, "Positive": 3}))
+    key = folder.fingerprint(images)
+    partial = tmp_path / "cache" / "decoded" / f"{key}-16px.partial"
+    partial.mkdir(parents=True)
+    (partial / "pixels.npy").write_bytes(b"killed mid-write")
+    pixels, _, _ = load_decoded(images, 16, tmp_path / "cache", key, workers=1, progress=False)
+    assert pixels.shape == (6, 16, 16, 3) and not partial.exists()
