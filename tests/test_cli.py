@@ -45,3 +45,36 @@ def test_missing_dataset_path_names_the_path(cli, tmp_path):
     assert result.returncode == 2
     assert "nowhere" in result.stderr and "does not exist" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_linear_run_never_imports_tensorflow(store, data_cache, tmp_path):
+    """Only the trainer of the run's framework is imported (also nothing of it for --help)."""
+    import subprocess
+    import sys
+
+    from conftest import CONF, TINY
+
+    overrides = [*TINY, f"tracking.uri={store['uri']}", f"dataset.cache_dir={data_cache}", f"tracking.artifact_root={tmp_path / 'a'}"]
+    script = (
+        "import sys\n"
+        "from hydra import compose, initialize_config_dir\n"
+        "from runner.config import register_schemas\n"
+        "from runner.app import run\n"
+        "register_schemas()\n"
+        f"with initialize_config_dir(config_dir={str(CONF)!r}, version_base='1.3'):\n"
+        f"    cfg = compose('config', overrides={overrides!r})\n"
+        "run(cfg)\n"
+        "leaked = sorted(m for m in ('tensorflow', 'keras') if m in sys.modules)\n"
+        "assert not leaked, leaked\n"
+        "print('ok', 'torch' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "ok True"
+    help_modules = subprocess.run(
+        [sys.executable, "-c", "import sys, runpy; sys.argv=['runner','--help']\n"
+         "try:\n    runpy.run_module('runner', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+         "print(sorted(m for m in ('torch', 'tensorflow', 'keras', 'mlflow') if m in sys.modules), file=sys.stderr)"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert help_modules.stderr.strip().splitlines()[-1] == "[]"
