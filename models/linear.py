@@ -21,10 +21,14 @@ class LinearClassifier(nn.Module):
         self, image_shape: Sequence[int], num_classes: int, mean: Sequence[float], std: Sequence[float]
     ) -> None:
         super().__init__()
-        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
-        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32))
-        self.linear = nn.Linear(math.prod(image_shape), num_classes)
+        features = math.prod(image_shape)
+        repeats = features // len(mean)  # channels are the last axis: the pattern repeats per pixel
+        mean_t = torch.as_tensor(mean, dtype=torch.float32).repeat(repeats)
+        std_t = torch.as_tensor(std, dtype=torch.float32).repeat(repeats)
+        # (pixels / 255 - mean) / std as one multiply-add over the flattened image
+        self.register_buffer("scale", 1.0 / (255.0 * std_t))
+        self.register_buffer("shift", -mean_t / std_t)
+        self.linear = nn.Linear(features, num_classes)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = (pixels / 255.0 - self.mean) / self.std
-        return self.linear(x.flatten(1))
+        return self.linear(torch.addcmul(self.shift, pixels.flatten(1), self.scale))

@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 from datasets import DataSplits, Split
@@ -77,20 +77,47 @@ def build_optimizer(cfg: OptimizerConfig, params) -> torch.optim.Optimizer:
 
 
 def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and std of pixels scaled to [0, 1] (the linear model's normalisation)."""
-    pixels = images.reshape(-1, images.shape[-1])
-    mean = pixels.mean(axis=0, dtype=np.float64) / 255.0
-    std = pixels.std(axis=0, dtype=np.float64) / 255.0
-    return mean.astype(np.float32), np.maximum(std, 1e-3).astype(np.float32)
+    """Per-channel mean and std of pixels scaled to [0, 1] (the linear model's normalisation).
+
+    From a 256-bin histogram per channel of at most 256 evenly spaced images: exact for
+    those, and seconds faster than float sums over every pixel of a large training split.
+    """
+    sample = images[:: max(1, len(images) // 256)]
+    values = np.arange(256, dtype=np.float64) / 255.0
+    mean, std = [], []
+    for channel in range(images.shape[-1]):
+        counts = np.bincount(sample[..., channel].ravel(), minlength=256)
+        m = counts @ values / counts.sum()
+        mean.append(m)
+        std.append(np.sqrt(counts @ (values - m) ** 2 / counts.sum()))
+    return np.asarray(mean, dtype=np.float32), np.maximum(np.asarray(std), 1e-3).astype(np.float32)
 
 
-def _loader(split: Split, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
-    dataset = TensorDataset(torch.from_numpy(split.images), torch.from_numpy(split.labels))
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(seed))
+class Batches:
+    """Mini-batches of a decoded split, gathered by index in one step.
+
+    The pixels are already in memory as one uint8 tensor, so a batch is a single indexing
+    operation instead of a DataLoader collating image by image. ``shuffle``: a generator
+    that draws a new order every epoch (its state goes into checkpoints).
+    """
+
+    def __init__(self, split: Split, batch_size: int, shuffle: torch.Generator | None = None) -> None:
+        self.images, self.labels = torch.from_numpy(split.images), torch.from_numpy(split.labels)
+        self.batch_size, self.shuffle = batch_size, shuffle
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.labels)
+        order = torch.randperm(n, generator=self.shuffle) if self.shuffle is not None else torch.arange(n)
+        for start in range(0, n, self.batch_size):
+            index = order[start : start + self.batch_size]
+            yield self.images[index], self.labels[index]
 
 
 def train_one_epoch(
-    model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, device: torch.device, desc: str, progress: bool
+    model: nn.Module, loader: Batches, optimizer: torch.optim.Optimizer, device: torch.device, desc: str, progress: bool
 ) -> tuple[float, float]:
     """One pass over the training split; returns mean loss and accuracy."""
     model.train()
@@ -115,7 +142,7 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[float, float]:
+def evaluate(model: nn.Module, loader: Batches, device: torch.device) -> tuple[float, float]:
     """Mean loss and accuracy over a split, in eval mode."""
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
@@ -168,10 +195,10 @@ def fit(run: RunConfig, data: DataSplits, tracker: Tracker, resume_from: Path | 
     model = LinearClassifier(data.image_shape, len(data.classes), mean, std).to(device)
     optimizer = build_optimizer(run.optimizer, model.parameters())
     tracker.log_params({"device": device.type, "trainable_params": sum(p.numel() for p in model.parameters())})
-    train_loader = _loader(data.train, run.trainer.batch_size, shuffle=True, seed=run.seed)
-    val_loader = _loader(data.val, run.trainer.batch_size, shuffle=False, seed=run.seed)
+    shuffle = torch.Generator().manual_seed(run.seed)
+    train_loader = Batches(data.train, run.trainer.batch_size, shuffle)
+    val_loader = Batches(data.val, run.trainer.batch_size)
     checkpoint = tracker.output_dir / "checkpoints" / CHECKPOINT
-    shuffle = train_loader.generator
     done = load_checkpoint(resume_from / CHECKPOINT, model, optimizer, shuffle) if resume_from else 0
     tracker.rewind(done)
     epochs = run.trainer.epochs
