@@ -47,10 +47,11 @@ def store(tmp_path: Path) -> dict[str, str]:
 def make_cfg(store: dict[str, str], data_cache: Path) -> Callable[..., DictConfig]:
     """Compose the real conf/ with overrides, pointed at the tmp store and data cache."""
 
-    def _make(*overrides: str, tiny: bool = True) -> DictConfig:
+    def _make(*overrides: str, tiny: bool = True, return_hydra: bool = False) -> DictConfig:
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             return compose(
                 "config",
+                return_hydra_config=return_hydra,
                 overrides=[
                     *(TINY if tiny else []),
                     f"tracking.uri={store['uri']}",

@@ -50,13 +50,29 @@ def images(folder: Path, n: int, size: int = 24) -> Path:
         (["freeze_depth=140"], 2, ["freeze_depth: only applies to Keras"]),
         (["tracking.uri=http://127.0.0.1:9"], 2, ["tracking.uri=http://127.0.0.1:9 does not answer", "tracking.uri=sqlite:///mlflow.db"]),
         (["resume=feedc0ffee"], 2, ["resume=feedc0ffee: no such run"]),
+        (["model=resnet50", "model.weights=null", "dataset.image_size=16"], 2,
+         ["dataset.image_size: model=resnet50 needs at least 32 pixels, got 16"]),
+        (["model=resnet50", "model.weights=null", "freeze_depth=500"], 2,
+         ["freeze_depth: must be in 0..175", "has 175 layers"]),
+        (["model=vgg16", "model.weights=/no/such/weights.h5"], 2, ["model.weights: no weights file at '/no/such/weights.h5'"]),
+        (["model=resnet50", "model.weights=null", "resume=feedc0ffee"], 2, ["resume: continuing an interrupted run works for model=linear only"]),
     ],
-    ids=lambda v: v[0] if isinstance(v, list) else None,
+    ids=lambda v: " ".join(v) if isinstance(v, list) else None,
 )
 def test_bad_configuration(cli, store, args, code, fragments):
     assert_clear_error(cli(*args), code, *fragments)
     if Path(store["uri"].removeprefix("sqlite:///")).exists():
         no_running_runs(store["uri"])
+
+
+def test_weights_file_that_does_not_match_the_model(cli, store, tmp_path):
+    import keras
+
+    wrong = tmp_path / "vgg16.weights.h5"
+    keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(wrong)
+    result = cli("model=resnet50", f"model.weights={wrong}", "dataset.image_size=32")
+    assert_clear_error(result, 2, "model.weights:", "does not hold weights of the resnet50 base")
+    no_running_runs(store["uri"])
 
 
 def folder_case(tmp_path: Path, name: str) -> Path:

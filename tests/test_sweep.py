@@ -149,3 +149,11 @@ def test_experiment_presets_compose(make_cfg):
 
     linear = to_run_config(make_cfg("+experiment=linear", tiny=False))
     assert linear.model.name == "linear" and linear.trainer.epochs == 5 and linear.tracking.experiment == "capstone-linear"
+    features = to_run_config(make_cfg("+experiment=resnet50_feature_extraction", tiny=False))
+    assert features.model.name == "resnet50" and features.freeze_depth is None and features.fine_tune_lr is None
+    assert features.optimizer.name == "adam" and features.dataset.image_size == 224
+    fine = to_run_config(make_cfg("+experiment=resnet50_fine_tune", tiny=False))
+    assert fine.freeze_depth == 140 and fine.fine_tune_lr == 1e-5 and fine.trainer.fine_tune_epochs == 2
+    assert to_run_config(make_cfg("+experiment=vgg16", tiny=False)).model.name == "vgg16"
+    search = make_cfg("+experiment=optuna_resnet50", tiny=False, return_hydra=True)
+    assert set(search.hydra.sweeper.params) == {"optimizer.lr", "trainer.batch_size", "freeze_depth"}

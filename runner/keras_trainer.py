@@ -1,0 +1,240 @@
+"""The Keras trainer: transfer learning in the two phases of the Keras guide, on TensorFlow.
+
+Phase 1 trains the new head on the frozen base; with ``fine_tune_lr`` set, phase 2 unfreezes
+the base layers after ``freeze_depth``, recompiles at ``fine_tune_lr`` and trains on, with
+the epoch (MLflow step) count continuing. Everything is logged through the run's Tracker,
+exactly like the torch trainer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+# Before keras and tensorflow are imported: Keras on TensorFlow (a KERAS_BACKEND=torch in
+# the shell would import torch), and without TensorFlow's C++ info and warning lines.
+os.environ["KERAS_BACKEND"] = "tensorflow"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from datasets import DataSplits  # noqa: E402
+from models.keras_backbones import build, freeze, frozen_layer_count  # noqa: E402
+from runner.config import AdamConfig, OptimizerConfig, RunConfig, SGDConfig  # noqa: E402
+from runner.errors import ConfigError, TrainingError  # noqa: E402
+from runner.files import atomic_path  # noqa: E402
+from runner.tracking import Tracker  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+def versions() -> dict[str, str]:
+    """The framework and library versions, logged as run params."""
+    return {"framework": "keras", "tensorflow_version": tf.__version__, "keras_version": keras.__version__}
+
+
+def batches(images: np.ndarray, labels: np.ndarray | None, batch_size: int, shuffle_seed: int | None = None) -> tf.data.Dataset:
+    """Float32 batches (with labels, if given) of the shared uint8 images, cast per batch and prefetched.
+
+    What is shuffled is the order of the rows, so the shuffle buffer holds indices, not images.
+    """
+    rows = tf.data.Dataset.range(len(images))
+    if shuffle_seed is not None:
+        rows = rows.shuffle(len(images), seed=shuffle_seed, reshuffle_each_iteration=True)
+    pixels = tf.convert_to_tensor(images)
+    targets = None if labels is None else tf.convert_to_tensor(labels)
+
+    def take(batch_rows: tf.Tensor) -> tf.Tensor | tuple[tf.Tensor, tf.Tensor]:
+        x = tf.cast(tf.gather(pixels, batch_rows), tf.float32)
+        return x if targets is None else (x, tf.gather(targets, batch_rows))
+
+    return rows.batch(batch_size).map(take, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+@dataclass
+class KerasModel:
+    """A trained Keras classifier with what evaluation and MLflow need."""
+
+    model: keras.Model
+    batch_size: int
+
+    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+        """Class probabilities of raw pixels (N, H, W, 3), uint8 or float, values 0..255."""
+        return self.model.predict(batches(images, None, self.batch_size), verbose=0)
+
+    def log_model(self, tracker: Tracker, example: np.ndarray) -> str:
+        """Log with mlflow.tensorflow, which saves the Keras model in its .keras format.
+
+        Preprocessing and softmax are inside the model and it holds only built-in layers, so
+        ``mlflow.pyfunc.load_model`` loads it anywhere. (mlflow.keras.log_model fails on an
+        input example in MLflow 3.x: it writes the example before creating the model folder.)
+        """
+        return tracker.log_model(
+            "tensorflow",
+            self.model,
+            example.astype(np.float32),
+            self.predict_proba,
+            requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}", "numpy"],
+        )
+
+
+def build_optimizer(cfg: OptimizerConfig, lr: float) -> keras.optimizers.Optimizer:
+    """Keras' SGD or Adam with the optimizer group's settings, at ``lr`` (the phase's rate).
+
+    Keras applies weight_decay decoupled from the gradient (as AdamW does), torch adds it to
+    the gradient: the same for plain SGD, close but not identical otherwise.
+    """
+    weight_decay = cfg.weight_decay or None
+    if isinstance(cfg, SGDConfig):
+        return keras.optimizers.SGD(learning_rate=lr, momentum=cfg.momentum, weight_decay=weight_decay)
+    if isinstance(cfg, AdamConfig):
+        return keras.optimizers.Adam(learning_rate=lr, beta_1=cfg.beta1, beta_2=cfg.beta2, weight_decay=weight_decay)
+    raise TypeError(f"no keras optimizer for {cfg.name}")
+
+
+def compile_model(model: keras.Model, cfg: OptimizerConfig, lr: float) -> None:
+    """(Re)compile after a change of frozen layers, with a fresh optimizer at the phase's ``lr``."""
+    model.compile(optimizer=build_optimizer(cfg, lr), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One ``model.fit``: its name in the epoch history, base layers frozen from the input, learning rate, epochs."""
+
+    name: str
+    freeze_depth: int
+    lr: float
+    epochs: int
+    lr_key: str = "optimizer.lr"  # the key that sets ``lr``, named when training diverges
+
+
+def plan(run: RunConfig, base: keras.Model) -> list[Phase]:
+    """The phases of a run, with ``freeze_depth`` checked against the base before any training.
+
+    fine_tune_lr null: one phase, the base layers after freeze_depth (BatchNormalization layers
+    excepted, see models.keras_backbones.freeze) and the head at optimizer.lr.
+    fine_tune_lr set: the head alone on the whole frozen base, then the base layers after
+    freeze_depth at fine_tune_lr; freeze_depth=null there unfreezes the whole base, as the
+    Keras guide does (null cannot mean 'all frozen' in a phase made to unfreeze layers).
+    """
+    frozen = frozen_layer_count(base, run.freeze_depth)
+    if run.fine_tune_lr is None:
+        return [Phase("train", frozen, run.optimizer.lr, run.trainer.epochs)]
+    return [
+        Phase("head", len(base.layers), run.optimizer.lr, run.trainer.epochs),
+        Phase("fine_tune", 0 if run.freeze_depth is None else frozen, run.fine_tune_lr, run.trainer.fine_tune_epochs, "fine_tune_lr"),
+    ]
+
+
+def parameter_count(weights: list) -> int:
+    return int(sum(math.prod(w.shape) for w in weights))
+
+
+def save_checkpoint(path: Path, model: keras.Model) -> None:
+    """The model with its optimizer state (Keras' .keras format), written atomically."""
+    with atomic_path(path) as tmp:
+        model.save(tmp)
+
+
+class EpochTracker(keras.callbacks.Callback):
+    """Per epoch: the torch stream's metrics to the Tracker and a checkpoint; a NaN/inf loss stops the run."""
+
+    def __init__(self, tracker: Tracker, phase: Phase, checkpoint: Path) -> None:
+        super().__init__()
+        self.tracker = tracker
+        self.phase = phase
+        self.checkpoint = checkpoint
+
+    def stop_if_diverged(self, what: str, value: float) -> None:
+        if not math.isfinite(value):
+            raise TrainingError(
+                f"the {what} became {value} in the {self.phase.name} phase. The learning rate is probably too high: "
+                f"lower {self.phase.lr_key} (e.g. divide it by 10)."
+            )
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self.stop_if_diverged("training loss", float((logs or {}).get("loss", 0.0)))
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs or {}
+        self.stop_if_diverged("validation loss", float(logs["val_loss"]))
+        metrics = {
+            "train_loss": logs["loss"],
+            "train_accuracy": logs["accuracy"],
+            "val_loss": logs["val_loss"],
+            "val_accuracy": logs["val_accuracy"],
+        }
+        save_checkpoint(self.checkpoint, self.model)
+        self.tracker.log_epoch(epoch + 1, metrics, phase=self.phase.name)
+        self.tracker.log_artifact(self.checkpoint, "checkpoints")
+
+
+def set_threads(num_threads: int | None) -> None:
+    """Size TensorFlow's thread pools (None: all cores); possible only before its first op in a process."""
+    threads = num_threads or os.cpu_count() or 1
+    if (tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count()) == threads:  # 0: TF's default, all cores
+        return
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:  # TensorFlow already ran in this process (several runs in one Python session)
+        log.warning("TensorFlow is already running in this process: trainer.num_threads=%s takes effect in a new one", num_threads)
+
+
+def fit(run: RunConfig, data: DataSplits, tracker: Tracker, resume_from: Path | None = None) -> KerasModel:
+    """Train the new head (and unfrozen base layers) in one or two phases, with metrics and a checkpoint per epoch.
+
+    ``resume_from`` (continuing an interrupted run) is not supported for Keras models yet.
+    """
+    if resume_from is not None:
+        raise ConfigError(
+            f"resume: continuing an interrupted run works for model=linear only; start the model={run.model.name} "
+            "run anew (the same command without resume=...)."
+        )
+    set_threads(run.trainer.num_threads)
+    if run.trainer.progress:  # Keras' progress bars, also in the predict calls MLflow makes to log the model
+        keras.config.enable_interactive_logging()
+    else:
+        keras.config.disable_interactive_logging()
+    model, base = build(run.model, data.image_shape, len(data.classes))
+    phases = plan(run, base)
+    tracker.log_params(
+        {"device": "gpu" if tf.config.list_physical_devices("GPU") else "cpu", "base_layers": len(base.layers)}
+    )
+    train = batches(data.train.images, data.train.labels, run.trainer.batch_size, shuffle_seed=run.seed)
+    val = batches(data.val.images, data.val.labels, run.trainer.batch_size)
+    checkpoint = tracker.output_dir / "checkpoints" / "last.keras"
+    epochs_done = 0
+    for number, phase in enumerate(phases, start=1):
+        freeze(base, phase.freeze_depth)
+        compile_model(model, run.optimizer, phase.lr)
+        trainable, frozen = parameter_count(model.trainable_weights), parameter_count(model.non_trainable_weights)
+        tracker.log_params(
+            {
+                f"phase{number}.name": phase.name,
+                f"phase{number}.freeze_depth": phase.freeze_depth,
+                f"phase{number}.trainable_params": trainable,
+                f"phase{number}.frozen_params": frozen,
+            }
+        )
+        log.info(
+            "phase %d/%d %s: the first %d of %d base layers and all BatchNormalization layers frozen, "
+            "%d trainable and %d frozen parameters, lr=%g, %d epoch(s)",
+            number, len(phases), phase.name, phase.freeze_depth, len(base.layers), trainable, frozen, phase.lr, phase.epochs,
+        )
+        model.fit(
+            train,
+            validation_data=val,
+            initial_epoch=epochs_done,
+            epochs=epochs_done + phase.epochs,
+            callbacks=[EpochTracker(tracker, phase, checkpoint)],
+            shuffle=False,  # the dataset shuffles itself
+            verbose=1 if run.trainer.progress else 0,
+        )
+        epochs_done += phase.epochs
+    return KerasModel(model, run.trainer.batch_size)

@@ -1,0 +1,227 @@
+"""The Keras stream on real ResNet50 / VGG16 models: random init (model.weights=null), 32 px, a few dozen images."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import mlflow
+import numpy as np
+import pytest
+
+from runner import keras_trainer  # noqa: I001  (first: it puts Keras on TensorFlow before keras is imported)
+import keras
+
+import datasets
+from models.keras_backbones import BACKBONES, build, freeze, frozen_layer_count, load_base
+from runner.app import run
+from runner.config import KerasBackboneConfig, to_run_config
+from runner.errors import ConfigError, TrainingError
+from runner.tracking import Tracker
+
+SHAPE = (32, 32, 3)
+RESNET50_LAYERS = 175
+
+
+@pytest.fixture(scope="module")
+def resnet_base() -> keras.Model:
+    return load_base("resnet50", None, SHAPE)
+
+
+def only_run(client: mlflow.MlflowClient):
+    (found,) = client.search_runs(client.get_experiment_by_name("crack-classification").experiment_id)
+    return found
+
+
+@pytest.mark.parametrize("freeze_depth, frozen", [(0, 0), (1, 1), (140, 140), (RESNET50_LAYERS, RESNET50_LAYERS), (None, RESNET50_LAYERS)])
+def test_freeze_depth_freezes_the_first_base_layers_and_no_others(resnet_base, freeze_depth, frozen):
+    freeze(resnet_base, frozen_layer_count(resnet_base, freeze_depth))
+    batch_norm = [isinstance(layer, keras.layers.BatchNormalization) for layer in resnet_base.layers]
+    expected = [index >= frozen and not bn for index, bn in enumerate(batch_norm)]  # BN: frozen, in inference mode
+    assert [layer.trainable for layer in resnet_base.layers] == expected
+    assert len(expected) == RESNET50_LAYERS and sum(batch_norm) == 53
+    assert (len(resnet_base.trainable_weights) > 0) == (frozen < RESNET50_LAYERS)
+
+
+@pytest.mark.parametrize("freeze_depth", [RESNET50_LAYERS + 1, 1000])
+def test_freeze_depth_out_of_range_gives_the_valid_range_and_layer_count(resnet_base, freeze_depth):
+    with pytest.raises(ConfigError) as err:
+        frozen_layer_count(resnet_base, freeze_depth)
+    message = str(err.value)
+    assert message.startswith("freeze_depth:") and f"got {freeze_depth}" in message
+    assert f"0..{RESNET50_LAYERS}" in message and f"{RESNET50_LAYERS} layers" in message
+
+
+def test_freeze_depth_out_of_range_fails_before_any_training(make_cfg, client):
+    with pytest.raises(ConfigError, match=r"0\.\.19"):
+        run(make_cfg("model=vgg16", "model.weights=null", "freeze_depth=20", "fine_tune_lr=1e-4"))
+    found = only_run(client)
+    assert found.info.status == "FAILED" and "val_accuracy" not in found.data.metrics
+
+
+@pytest.mark.parametrize(
+    "overrides, phases",
+    [
+        (["freeze_depth=140"], [("train", 140, 0.01)]),
+        ([], [("train", RESNET50_LAYERS, 0.01)]),
+        (["freeze_depth=140", "fine_tune_lr=1e-5"], [("head", RESNET50_LAYERS, 0.01), ("fine_tune", 140, 1e-5)]),
+        (["fine_tune_lr=1e-5"], [("head", RESNET50_LAYERS, 0.01), ("fine_tune", 0, 1e-5)]),  # null: unfreeze it all
+    ],
+)
+def test_phases_follow_freeze_depth_and_fine_tune_lr(make_cfg, resnet_base, overrides, phases):
+    run_cfg = to_run_config(make_cfg("model=resnet50", "model.weights=null", "optimizer.lr=0.01", *overrides))
+    assert [(p.name, p.freeze_depth, p.lr) for p in keras_trainer.plan(run_cfg, resnet_base)] == phases
+
+
+@pytest.mark.parametrize("name", ["resnet50", "vgg16"])
+def test_the_model_applies_the_backbones_own_preprocess_input(name):
+    model, _ = build(KerasBackboneConfig(name=name, weights=None), SHAPE, 2)
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, *SHAPE)).astype(np.float32)
+    inside = keras.Model(model.input, model.get_layer("preprocess_input").output).predict(pixels, verbose=0)
+    np.testing.assert_allclose(inside, BACKBONES[name].preprocess_input(pixels.copy()), atol=1e-4)
+
+
+@pytest.mark.parametrize("file, reason", [("missing.h5", "no weights file"), ("vgg16.weights.h5", "does not hold"), ("junk.h5", "does not hold")])
+def test_weights_file_that_is_missing_or_does_not_fit_is_a_config_error(tmp_path, file, reason):
+    load_base("vgg16", None, SHAPE).save_weights(tmp_path / "vgg16.weights.h5")
+    (tmp_path / "junk.h5").write_text("not a weights file")
+    with pytest.raises(ConfigError) as err:
+        load_base("resnet50", str(tmp_path / file), SHAPE)
+    message = str(err.value)
+    assert message.startswith("model.weights:") and file in message and reason in message
+    assert "model.weights=null" in message and "Traceback" not in message
+
+
+@pytest.mark.slow
+def test_frozen_layers_keep_the_loaded_weights_and_the_others_train(make_cfg, client, tmp_path):
+    keras.utils.set_random_seed(7)  # weights unlike the run's own random init (seed 42)
+    start = load_base("resnet50", None, SHAPE)
+    path = tmp_path / "resnet50_notop.weights.h5"
+    start.save_weights(path)
+    run(make_cfg("model=resnet50", f"model.weights={path}", "freeze_depth=150", "optimizer.lr=0.01", "trainer.epochs=1"))
+    checkpoint = mlflow.artifacts.download_artifacts(run_id=only_run(client).info.run_id, artifact_path="checkpoints/last.keras")
+    trained = keras.saving.load_model(checkpoint).get_layer("resnet50")
+    for index, (before, after) in enumerate(zip(start.layers, trained.layers)):
+        unchanged = [np.array_equal(b, a) for b, a in zip(before.get_weights(), after.get_weights())]
+        if index < 150 or isinstance(before, keras.layers.BatchNormalization):  # BN: frozen, statistics too
+            assert all(unchanged), f"frozen layer {index} {before.name} changed"
+        elif before.weights:
+            assert not all(unchanged), f"unfrozen layer {index} {before.name} did not train"
+
+
+@pytest.mark.slow
+def test_fine_tune_lr_trains_the_head_then_the_unfrozen_layers_in_one_run(make_cfg, client, monkeypatch):
+    fits: list[tuple[float, int, int]] = []
+    epochs: list[tuple[int, str]] = []
+    keras_fit, log_epoch = keras.Model.fit, Tracker.log_epoch
+
+    def spy_fit(model, *args, **kwargs):
+        fits.append((float(model.optimizer.learning_rate), len(model.trainable_weights), kwargs["initial_epoch"]))
+        return keras_fit(model, *args, **kwargs)
+
+    def spy_log_epoch(tracker, step, metrics, phase="train"):
+        epochs.append((step, phase))
+        log_epoch(tracker, step, metrics, phase)
+
+    monkeypatch.setattr(keras.Model, "fit", spy_fit)
+    monkeypatch.setattr(Tracker, "log_epoch", spy_log_epoch)
+    run(make_cfg("model=vgg16", "model.weights=null", "freeze_depth=15", "optimizer.lr=0.01",
+                 "fine_tune_lr=0.001", "trainer.epochs=1", "trainer.fine_tune_epochs=1"))
+
+    (head_lr, head_weights, head_start), (tune_lr, tune_weights, tune_start) = fits
+    assert (head_lr, head_start) == pytest.approx((0.01, 0)) and (tune_lr, tune_start) == pytest.approx((0.001, 1))
+    assert head_weights == 4 and tune_weights == 4 + 6  # hidden and softmax Dense; then block5's 3 convolutions too
+    assert epochs == [(1, "head"), (2, "fine_tune")]
+    found = only_run(client)
+    assert found.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(found.info.run_id, "val_accuracy")] == [1, 2]
+    params = {k: v for k, v in found.data.params.items() if k.startswith("phase")}
+    assert params["phase1.name"] == "head" and params["phase1.freeze_depth"] == "19"
+    assert params["phase2.name"] == "fine_tune" and params["phase2.freeze_depth"] == "15"
+    trainable = [int(params[f"phase{n}.trainable_params"]) for n in (1, 2)]
+    frozen = [int(params[f"phase{n}.frozen_params"]) for n in (1, 2)]
+    assert trainable[0] < trainable[1] and trainable[0] + frozen[0] == trainable[1] + frozen[1]
+
+
+@pytest.mark.slow
+def test_command_line_resnet50_run_is_tracked_like_linear_and_never_imports_torch(cli, client, monkeypatch):
+    monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")  # the run lists every module it imports on stderr
+    result = cli("model=resnet50", "model.weights=null", "freeze_depth=140")
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert result.returncode == 0, "\n".join(line for line in result.stderr.splitlines() if not line.startswith("import time:"))[-3000:]
+    assert {"tensorflow", "keras"} <= imported
+    assert not [name for name in imported if name.split(".")[0] == "torch"]
+
+    found = only_run(client)
+    assert found.info.status == "FINISHED" and found.info.run_id in result.stdout + result.stderr
+    params = found.data.params
+    assert params["framework"] == "keras" and params["model.name"] == "resnet50" and params["freeze_depth"] == "140"
+    assert params["tensorflow_version"] == keras_trainer.tf.__version__ and params["keras_version"] == keras.__version__
+    assert params["phase1.name"] == "train" and params["phase1.freeze_depth"] == "140" and "phase2.name" not in params
+    assert int(params["phase1.trainable_params"]) > 0 and int(params["phase1.frozen_params"]) > 0
+    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+        assert [m.step for m in client.get_metric_history(found.info.run_id, key)] == [1, 2]
+    for key in ("test_accuracy", "test_precision", "test_recall", "test_f1", "val_accuracy"):
+        assert 0.0 <= found.data.metrics[key] <= 1.0
+    names = {a.path for d in ("config", "checkpoints", "plots") for a in client.list_artifacts(found.info.run_id, d)}
+    assert {"config/config.yaml", "config/overrides.yaml", "checkpoints/last.keras",
+            "plots/learning_curves.png", "plots/confusion_matrix.png"} <= names
+    info = mlflow.models.get_model_info(f"runs:/{found.info.run_id}/model")
+    assert "tensorflow" in info.flavors and info.signature.inputs.inputs[0].shape == (-1, 32, 32, 3)
+
+
+# Run by a fresh interpreter, outside the project: loading must not need any of its code.
+LOAD_AND_PREDICT = textwrap.dedent(
+    """
+    import sys
+    import mlflow, numpy as np
+    model = mlflow.pyfunc.load_model(sys.argv[1])
+    np.save(sys.argv[3], model.predict(np.load(sys.argv[2])))
+    project = [name for name in sys.modules if name.split(".")[0] in ("runner", "models", "datasets")]
+    assert not project, project
+    """
+)
+
+
+@pytest.mark.slow
+def test_vgg16_logged_model_loads_and_predicts_in_a_fresh_process(make_cfg, client, store, tmp_path):
+    cfg = make_cfg("model=vgg16", "model.weights=null")
+    run(cfg)
+    found = only_run(client)
+    assert found.info.status == "FINISHED" and found.data.params["model.name"] == "vgg16"
+    run_cfg = to_run_config(cfg)
+    test = datasets.load(run_cfg.dataset, run_cfg.seed, progress=False).test
+    np.save(tmp_path / "images.npy", test.images.astype(np.float32))
+    subprocess.run(
+        [sys.executable, "-c", LOAD_AND_PREDICT, f"runs:/{found.info.run_id}/model", "images.npy", "probs.npy"],
+        cwd=tmp_path, env={**os.environ, "MLFLOW_TRACKING_URI": store["uri"]}, check=True, timeout=300,
+    )
+    probs = np.load(tmp_path / "probs.npy")
+    assert probs.shape == (len(test), 2)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    assert (probs.argmax(1) == test.labels).mean() == pytest.approx(found.data.metrics["test_accuracy"])
+
+
+@pytest.mark.slow
+def test_same_seed_same_metrics(make_cfg, client):
+    overrides = ("model=vgg16", "model.weights=null", "seed=5", "objective=val_loss")
+    assert run(make_cfg(*overrides)) == run(make_cfg(*overrides))
+
+
+@pytest.mark.slow
+def test_diverging_training_ends_failed_with_a_clear_error(make_cfg, client):
+    with pytest.raises(TrainingError, match="lower optimizer.lr"):
+        run(make_cfg("model=vgg16", "model.weights=null", "optimizer.lr=1e38"))
+    assert only_run(client).info.status == "FAILED"
+
+
+@pytest.mark.slow
+def test_imagenet_weights_without_a_network_is_one_clear_message(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))  # no cached weights,
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")  # and no way out: the download fails at once
+    result = cli("model=vgg16")  # weights: imagenet, the default
+    assert result.returncode == 2
+    assert "model.weights=imagenet" in result.stderr and "could not be downloaded" in result.stderr
+    assert "model.weights=null" in result.stderr and "Traceback" not in result.stderr
