@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
-from collections.abc import Callable
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mlflow
@@ -82,3 +86,50 @@ def cli(store: dict[str, str], data_cache: Path, tmp_path: Path) -> Callable[...
         return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
 
     return _run
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path) -> Iterator[Callable[..., str]]:
+    """Start real ``mlflow server`` processes on 127.0.0.1 (a free port each); returns their URL.
+
+    Arguments are the store options, e.g. ``--backend-store-uri sqlite:///... --artifacts-destination DIR``.
+    Each server runs in its own process group, stopped with its workers whatever happens.
+    """
+    servers: list[subprocess.Popen] = []
+
+    def start(*store_args: str, timeout: float = 90) -> str:
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        log = tmp_path / f"mlflow-server-{port}.log"
+        command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *store_args]
+        env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+        with open(log, "w") as out:
+            servers.append(subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True))
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
+        deadline = time.monotonic() + timeout
+        while True:
+            if servers[-1].poll() is not None:
+                pytest.fail(f"mlflow server exited with status {servers[-1].returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                with direct.open(f"{url}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        return url
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"mlflow server did not answer at {url} within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+                time.sleep(0.5)
+
+    yield start
+    for server in servers:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()

@@ -10,13 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,28 +39,6 @@ pytestmark = [
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until_up(url: str, server: subprocess.Popen, log: Path, timeout: float = 90) -> None:
-    """Poll the server's /health until it answers; fail with its log if it dies or never answers."""
-    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"mlflow server exited with status {server.returncode}:\n{log.read_text()}")
-        try:
-            with direct.open(f"{url}/health", timeout=2) as answer:
-                if answer.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"mlflow server did not answer at {url} within {timeout:.0f} s:\n{log.read_text()}")
-
-
 @pytest.fixture
 def runs(make_cfg, client) -> list:
     """Two real runs of the runner that differ in learning rate, as a person compares them."""
@@ -78,30 +49,9 @@ def runs(make_cfg, client) -> list:
 
 
 @pytest.fixture
-def mlflow_ui(runs, store, tmp_path) -> Iterator[str]:
-    """``mlflow server`` on 127.0.0.1 over the test's store; stopped (with its workers) whatever happens."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tmp_path / "mlflow-server.log"
-    command = [
-        sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", store["uri"],
-        "--default-artifact-root", store["artifacts"],
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-    ]  # fmt: skip
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
-    with open(log, "w") as out:
-        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        wait_until_up(url, server, log)
-        yield url
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)  # its own process group: the server and its uvicorn worker
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+def mlflow_ui(runs, store, mlflow_server) -> str:
+    """``mlflow server`` on 127.0.0.1 over the test's store."""
+    return mlflow_server("--backend-store-uri", store["uri"], "--default-artifact-root", store["artifacts"])
 
 
 def js_number(value: float) -> str:
@@ -170,6 +120,37 @@ def test_mlflow_ui_shows_the_runs_and_their_metrics(mlflow_ui, runs):
             picture.wait_for()
             assert picture.evaluate("img => img.complete && img.naturalWidth") > 800
             screenshot(page, "mlflow_ui_learning_curves.png")
+        except Exception:
+            screenshot(page, "mlflow_ui_failure.png")
+            raise
+        finally:
+            browser.close()
+
+
+def test_mlflow_ui_groups_a_sweep_under_its_parent(cli, store, mlflow_server, client):
+    """A multirun is one collapsed parent row ('sweep <folder>'); expanding it shows one run per job."""
+    result = cli("-m", "optimizer.lr=0.01,0.001", "trainer.epochs=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    experiment = client.get_experiment_by_name("crack-classification")
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("sweep_role") == "sweep_parent"]
+    jobs = [r for r in runs if r is not parent]
+    url = mlflow_server("--backend-store-uri", store["uri"], "--default-artifact-root", store["artifacts"])
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
+        page = browser.new_page(viewport={"width": 1600, "height": 500})
+        page.set_default_timeout(30_000)
+        try:
+            page.goto(f"{url}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning")
+            parent_row = page.locator(f"[role=row][row-id='{parent.info.run_id}']")
+            parent_row.get_by_role("link", name=parent.info.run_name, exact=True).wait_for()
+            close_assistant(page)
+            for job in jobs:  # nested: hidden until the parent is expanded
+                sync_api.expect(page.locator(f"[role=row][row-id='{job.info.run_id}']")).to_have_count(0)
+            parent_row.locator("[col-id='attributes.`Run Name`'] button").first.click()
+            for job in jobs:
+                page.locator(f"[role=row][row-id='{job.info.run_id}']").first.wait_for()
+            screenshot(page, "mlflow_ui_sweep.png")
         except Exception:
             screenshot(page, "mlflow_ui_failure.png")
             raise
