@@ -20,5 +20,7 @@ def seed_everything(seed: int) -> None:
         torch.manual_seed(seed)
     if "keras" in sys.modules:
         import keras
+        import tensorflow as tf
 
         keras.utils.set_random_seed(seed)
+        tf.config.experimental.enable_op_determinism()  # same seed, same results (also for ops that could race)
