@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 
 import hydra
 from omegaconf import DictConfig
 
+from runner import interrupt
 from runner.config import register_schemas
 from runner.errors import RunnerError
 
@@ -31,7 +31,7 @@ def main(cfg: DictConfig) -> float:
 
 def cli() -> None:
     """Run ``main``; if a sweep dies, its MLflow parent run is closed as FAILED or KILLED, never left RUNNING."""
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops a run like Ctrl-C does
+    interrupt.install()  # Ctrl-C and `kill` stop the run at the next batch, marked KILLED
     status = "FAILED"
     try:
         main()

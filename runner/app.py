@@ -17,7 +17,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import datasets
-from runner import summary
+from runner import interrupt, summary
 from runner.config import RunConfig, to_run_config
 from runner.dispatch import trainer_for
 from runner.evaluate import evaluate_and_log
@@ -102,6 +102,7 @@ def run(cfg: DictConfig) -> float:
         "threads": run_cfg.trainer.num_threads,
     }
     run_name = run_cfg.tracking.run_name or " ".join([run_cfg.model.name, *job.overrides])
+    interrupt.check()  # stopped while the data loaded: no run to open
     resume_from = prepare_resume(cfg, run_cfg.resume, job.output_dir / "resume") if run_cfg.resume else None
     with start_run(cfg, run_name, job.output_dir, tags, extra_params, job.overrides, job.sweep, run_cfg.resume) as tracker:
         if data.skipped:

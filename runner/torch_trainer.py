@@ -17,6 +17,7 @@ from tqdm import tqdm
 from datasets import DataSplits, Split
 from models.linear import LinearClassifier
 from runner.config import AdamConfig, OptimizerConfig, RunConfig, SGDConfig
+from runner import interrupt
 from runner.errors import TrainingError
 from runner.files import atomic_path
 from runner.tracking import Tracker
@@ -124,6 +125,7 @@ def train_one_epoch(
     criterion = nn.CrossEntropyLoss()
     total_loss, correct, seen = 0.0, 0, 0
     for images, labels in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
+        interrupt.check()
         images, labels = images.to(device).float(), labels.to(device)
         logits = model(images)
         loss = criterion(logits, labels)
