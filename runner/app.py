@@ -23,7 +23,7 @@ from runner.dispatch import trainer_for
 from runner.evaluate import evaluate_and_log
 from runner.files import absolute_path
 from runner.seeding import seed_everything
-from runner.tracking import absolute_tracking_uri, open_store, prepare_resume, start_run
+from runner.tracking import RunSpec, absolute_tracking_uri, open_store, prepare_resume, start_run
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,9 @@ def run(cfg: DictConfig) -> float:
     """Run one experiment and return its objective (``cfg.objective``) for Hydra sweepers."""
     job = job_context()
     run_cfg = _localise(to_run_config(cfg), job)
-    open_store(absolute_tracking_uri(run_cfg.tracking.uri), run_cfg.tracking.experiment, run_cfg.tracking.artifact_root)
+    experiment_id = open_store(
+        absolute_tracking_uri(run_cfg.tracking.uri), run_cfg.tracking.experiment, run_cfg.tracking.artifact_root
+    )
     trainer = trainer_for(run_cfg.model.framework)
     seed_everything(run_cfg.seed)
     data = datasets.load(run_cfg.dataset, run_cfg.seed, progress=run_cfg.trainer.progress)
@@ -91,7 +93,7 @@ def run(cfg: DictConfig) -> float:
         "skipped_images": len(data.skipped),
         **({"sweep_job": job.job_num} if job.sweep else {}),
     }
-    extra_params = {
+    params = {
         **trainer.versions(),
         "mlflow_version": mlflow.__version__,
         "hydra_version": hydra.__version__,
@@ -101,10 +103,11 @@ def run(cfg: DictConfig) -> float:
         "num_test": len(data.test),
         "threads": run_cfg.trainer.num_threads,
     }
-    run_name = run_cfg.tracking.run_name or " ".join([run_cfg.model.name, *job.overrides])
+    name = run_cfg.tracking.run_name or " ".join([run_cfg.model.name, *job.overrides])
+    spec = RunSpec(experiment_id, name, tags, params, job.overrides, job.sweep, run_cfg.resume)
     interrupt.check()  # stopped while the data loaded: no run to open
     resume_from = prepare_resume(cfg, run_cfg.resume, job.output_dir / "resume") if run_cfg.resume else None
-    with start_run(cfg, run_name, job.output_dir, tags, extra_params, job.overrides, job.sweep, run_cfg.resume) as tracker:
+    with start_run(cfg, spec, job.output_dir) as tracker:
         if data.skipped:
             tracker.log_json({"skipped": data.skipped}, "data/skipped_images.json")
         model = trainer.fit(run_cfg, data, tracker, resume_from)

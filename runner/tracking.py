@@ -12,6 +12,7 @@ import platform
 import subprocess
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -217,43 +218,44 @@ def prepare_resume(cfg: DictConfig, run_id: str, into: Path) -> Path:
     return Path(local)
 
 
+@dataclass(frozen=True)
+class RunSpec:
+    """What one job opens in MLflow: its experiment (from :func:`open_store`), name, tags and params."""
+
+    experiment_id: str
+    name: str
+    tags: Mapping[str, Any]
+    params: Mapping[str, Any]
+    overrides: list[str]
+    sweep: str | None = None  # nest under this sweep's parent run
+    resume: str | None = None  # reopen this interrupted run instead of starting one
+
+
 @contextmanager
-def start_run(
-    cfg: DictConfig,
-    run_name: str,
-    output_dir: Path,
-    tags: Mapping[str, Any],
-    extra_params: Mapping[str, Any],
-    overrides: list[str],
-    sweep: str | None = None,
-    resume: str | None = None,
-) -> Iterator[Tracker]:
+def start_run(cfg: DictConfig, spec: RunSpec, output_dir: Path) -> Iterator[Tracker]:
     """Open an MLflow run holding the whole resolved config; close it FINISHED, FAILED or KILLED.
 
     Whatever was logged before an error stays in the run: the status tells how it ended.
-    A sweep job nests under its sweep's parent run; ``resume`` reopens an interrupted run.
     """
-    uri = absolute_tracking_uri(cfg.tracking.uri)
-    exp = open_store(uri, cfg.tracking.experiment, cfg.tracking.artifact_root)
     commit = git_commit()
-    all_tags = {"git_commit": commit, "mlflow.source.git.commit": commit, "overrides": " ".join(overrides), **tags}
-    if sweep is not None:
-        parent = find_sweep_parent(mlflow.MlflowClient(uri), exp, sweep)
-        all_tags.update({"sweep_id": sweep, **({"mlflow.parentRunId": parent} if parent else {})})
-    if resume is None:
-        active = mlflow.start_run(experiment_id=exp, run_name=run_name[:250], tags={k: str(v) for k, v in all_tags.items()})
+    tags = {"git_commit": commit, "mlflow.source.git.commit": commit, "overrides": " ".join(spec.overrides), **spec.tags}
+    if spec.sweep is not None:
+        parent = find_sweep_parent(mlflow.MlflowClient(), spec.experiment_id, spec.sweep)
+        tags.update({"sweep_id": spec.sweep, **({"mlflow.parentRunId": parent} if parent else {})})
+    if spec.resume is None:
+        active = mlflow.start_run(experiment_id=spec.experiment_id, run_name=spec.name[:250], tags={k: str(v) for k, v in tags.items()})
     else:
-        active = mlflow.start_run(run_id=resume)
+        active = mlflow.start_run(run_id=spec.resume)
     tracker = Tracker(active.info.run_id, output_dir)
     status = RunStatus.to_string(RunStatus.FAILED)
     try:
-        if resume is None:
-            tracker.log_params({**flatten(cfg), **extra_params, "python_version": platform.python_version()})
+        if spec.resume is None:
+            tracker.log_params({**flatten(cfg), **spec.params, "python_version": platform.python_version()})
             tracker.log_json(OmegaConf.to_container(cfg, resolve=True), "config/config.yaml")
-            tracker.log_json({"overrides": overrides}, "config/overrides.yaml")
+            tracker.log_json({"overrides": spec.overrides}, "config/overrides.yaml")
         else:
             tracker.history = mlflow.artifacts.load_dict(f"{active.info.artifact_uri}/{HISTORY}")
-            tracker.set_tags({"resumed_with": " ".join(overrides), "resumed_commit": commit})
+            tracker.set_tags({"resumed_with": " ".join(spec.overrides), "resumed_commit": commit})
         yield tracker
         status = RunStatus.to_string(RunStatus.FINISHED)
     except KeyboardInterrupt:
