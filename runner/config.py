@@ -168,6 +168,9 @@ class TrainerConfig:
     batch_size: int = 32
     num_threads: Optional[int] = None
     progress: bool = True
+    # Keras: compute the frozen layers once per image and train on their cached output
+    # (equal results; see runner.keras_trainer.frozen_features). False: through them every epoch.
+    cache_frozen_features: bool = True
 
     def __post_init__(self) -> None:
         _positive("trainer.epochs", self.epochs)

@@ -4,6 +4,12 @@ Phase 1 trains the new head on the frozen base; with ``fine_tune_lr`` set, phase
 the base layers after ``freeze_depth``, recompiles at ``fine_tune_lr`` and trains on, with
 the epoch (MLflow step) count continuing. Everything is logged through the run's Tracker,
 exactly like the torch trainer.
+
+Frozen layers compute the same thing every epoch, so by default (``trainer.cache_frozen_features``)
+a phase runs them once per train and val image and trains the rest of the model on their
+cached output (see :func:`frozen_features`): with the whole base frozen each epoch is a small
+MLP fit on pooled vectors. There is no random augmentation in this trainer; one that changes
+the images every epoch would have to turn the cache off.
 """
 
 from __future__ import annotations
@@ -11,6 +17,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,10 +32,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from datasets import DataSplits  # noqa: E402
-from models.keras_backbones import build, freeze, frozen_layer_count  # noqa: E402
+from models.keras_backbones import FrozenSplit, build, freeze, frozen_layer_count, split_frozen  # noqa: E402
 from runner.config import AdamConfig, OptimizerConfig, RunConfig, SGDConfig  # noqa: E402
+from runner import interrupt  # noqa: E402
 from runner.errors import ConfigError, TrainingError  # noqa: E402
 from runner.files import atomic_path  # noqa: E402
 from runner.tracking import Tracker  # noqa: E402
@@ -38,22 +50,106 @@ def versions() -> dict[str, str]:
     return {"framework": "keras", "tensorflow_version": tf.__version__, "keras_version": keras.__version__}
 
 
-def batches(images: np.ndarray, labels: np.ndarray | None, batch_size: int, shuffle_seed: int | None = None) -> tf.data.Dataset:
+def batch_rows(count: int, batch_size: int, shuffle_seed: int | None = None) -> tf.data.Dataset:
+    """The row indices of each batch; the same order for images and for their cached features."""
+    rows = tf.data.Dataset.range(count)
+    if shuffle_seed is not None:
+        rows = rows.shuffle(count, seed=shuffle_seed, reshuffle_each_iteration=True)
+    return rows.batch(batch_size)
+
+
+def batches(
+    images: np.ndarray, labels: np.ndarray | None, batch_size: int, shuffle_seed: int | None = None, rows: tf.data.Dataset | None = None
+) -> tf.data.Dataset:
     """Float32 batches (with labels, if given) of the shared uint8 images, cast per batch and prefetched.
 
     What is shuffled is the order of the rows, so the shuffle buffer holds indices, not images.
+    ``rows`` (from :func:`batch_rows`) replaces ``batch_size`` and ``shuffle_seed``: datasets
+    made from the same ``rows`` share one sequence of epoch orders.
     """
-    rows = tf.data.Dataset.range(len(images))
-    if shuffle_seed is not None:
-        rows = rows.shuffle(len(images), seed=shuffle_seed, reshuffle_each_iteration=True)
     pixels = tf.convert_to_tensor(images)
     targets = None if labels is None else tf.convert_to_tensor(labels)
 
-    def take(batch_rows: tf.Tensor) -> tf.Tensor | tuple[tf.Tensor, tf.Tensor]:
-        x = tf.cast(tf.gather(pixels, batch_rows), tf.float32)
-        return x if targets is None else (x, tf.gather(targets, batch_rows))
+    def take(rows: tf.Tensor) -> tf.Tensor | tuple[tf.Tensor, tf.Tensor]:
+        x = tf.cast(tf.gather(pixels, rows), tf.float32)
+        return x if targets is None else (x, tf.gather(targets, rows))
 
-    return rows.batch(batch_size).map(take, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    rows = rows if rows is not None else batch_rows(len(images), batch_size, shuffle_seed)
+    return rows.map(take, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+IN_MEMORY_FEATURES = 512 * 2**20  # cached features up to this size are read into memory, larger ones per batch from the file
+
+
+def feature_batches(features: np.ndarray, labels: np.ndarray, rows: tf.data.Dataset) -> tf.data.Dataset:
+    """Batches of cached float32 features in the order of ``rows`` (see :func:`batches`).
+
+    Small caches (pooled vectors) become one in-memory tensor; large ones (a frozen prefix's
+    feature maps, gigabytes for a few thousand images) are read from their memory-mapped file
+    batch by batch, so a cache larger than memory works too.
+    """
+    if features.nbytes <= IN_MEMORY_FEATURES:
+        return batches(np.asarray(features), labels, 0, rows=rows)
+    targets = tf.convert_to_tensor(labels)
+    shape = (None, *features.shape[1:])
+
+    def take(rows: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        x = tf.numpy_function(lambda r: features[r], [rows], tf.float32, stateful=False)
+        x.set_shape(shape)
+        return x, tf.gather(targets, rows)
+
+    return rows.map(take, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def extract_features(frozen: keras.Model, splits: dict[str, np.ndarray], batch_size: int, folder: Path, progress: bool) -> dict[str, np.ndarray]:
+    """What ``frozen`` computes for each image of each split, in inference mode, in float32 ``.npy`` memmaps in ``folder``."""
+    pixels = frozen.inputs[0]
+    step = tf.function(lambda x: frozen(x, training=False), input_signature=[tf.TensorSpec(pixels.shape, tf.float32)])
+    shape = tuple(frozen.outputs[0].shape[1:])
+    features = {}
+    for name, images in splits.items():
+        out = np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=np.float32, shape=(len(images), *shape))
+        start = 0
+        for x in tqdm(batches(images, None, batch_size), desc=f"frozen layers: {name}", unit="batch", leave=False, disable=not progress):
+            y = step(x).numpy()
+            out[start : start + len(y)] = y
+            start += len(y)
+        out.flush()
+        features[name] = out
+    return features
+
+
+@contextmanager
+def frozen_features(split: FrozenSplit, data: DataSplits, batch_size: int, folder: Path, progress: bool) -> Iterator[dict[str, np.ndarray] | None]:
+    """The frozen part's output for every train and val image, computed once; None if the disk cannot hold it.
+
+    Float32, as the layers compute it, so training on it gives what training through the frozen
+    layers gives (up to float rounding). Pooled vectors are small (2,048 floats per image for
+    ResNet50); a cut inside the base holds feature maps (ResNet50 at freeze_depth=140, 227 px:
+    15x15x1024 floats, 0.9 MB per image), so the cache lives in files under the run's output
+    folder, read through the page cache, and is deleted when the phase ends.
+    """
+    shape = tuple(split.frozen.outputs[0].shape[1:])
+    size = (len(data.train) + len(data.val)) * math.prod(shape) * 4
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if size > free - 2**30:
+        log.warning(
+            "frozen features: %.1f GB of cached activations at %s would not fit in the %.1f GB free on %s; "
+            "training through the frozen layers every epoch instead", size / 1e9, split.cut, free / 1e9, folder,
+        )
+        yield None
+        return
+    start = time.perf_counter()
+    try:
+        features = extract_features(split.frozen, {"train": data.train.images, "val": data.val.images}, batch_size, folder, progress)
+        log.info(
+            "frozen features: the layers up to %s computed once for %d images in %.1f s (%s floats per image, %.2f GB in %s)",
+            split.cut, len(data.train) + len(data.val), time.perf_counter() - start, "x".join(map(str, shape)), size / 1e9, folder,
+        )
+        yield features
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @dataclass
@@ -144,11 +240,12 @@ def save_checkpoint(path: Path, model: keras.Model) -> None:
 class EpochTracker(keras.callbacks.Callback):
     """Per epoch: the torch stream's metrics to the Tracker and a checkpoint; a NaN/inf loss stops the run."""
 
-    def __init__(self, tracker: Tracker, phase: Phase, checkpoint: Path) -> None:
+    def __init__(self, tracker: Tracker, phase: Phase, checkpoint: Path, classifier: keras.Model | None = None) -> None:
         super().__init__()
         self.tracker = tracker
         self.phase = phase
         self.checkpoint = checkpoint
+        self.classifier = classifier  # what the checkpoint holds; None: the model being fit
 
     def stop_if_diverged(self, what: str, value: float) -> None:
         if not math.isfinite(value):
@@ -158,6 +255,7 @@ class EpochTracker(keras.callbacks.Callback):
             )
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        interrupt.check()  # Ctrl-C / SIGTERM: stop between batches, the run ends KILLED
         self.stop_if_diverged("training loss", float((logs or {}).get("loss", 0.0)))
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
@@ -169,7 +267,7 @@ class EpochTracker(keras.callbacks.Callback):
             "val_loss": logs["val_loss"],
             "val_accuracy": logs["val_accuracy"],
         }
-        save_checkpoint(self.checkpoint, self.model)
+        save_checkpoint(self.checkpoint, self.classifier or self.model)
         self.tracker.log_epoch(epoch + 1, metrics, phase=self.phase.name)
         self.tracker.log_artifact(self.checkpoint, "checkpoints")
 
@@ -206,13 +304,17 @@ def fit(run: RunConfig, data: DataSplits, tracker: Tracker, resume_from: Path | 
     tracker.log_params(
         {"device": "gpu" if tf.config.list_physical_devices("GPU") else "cpu", "base_layers": len(base.layers)}
     )
-    train = batches(data.train.images, data.train.labels, run.trainer.batch_size, shuffle_seed=run.seed)
-    val = batches(data.val.images, data.val.labels, run.trainer.batch_size)
+    batch_size = run.trainer.batch_size
+    # One sequence of epoch orders for the whole run, whether a phase reads images or cached features.
+    train_rows, val_rows = batch_rows(len(data.train), batch_size, run.seed), batch_rows(len(data.val), batch_size)
+    train_images = batches(data.train.images, data.train.labels, batch_size, rows=train_rows)
+    val_images = batches(data.val.images, data.val.labels, batch_size, rows=val_rows)
     checkpoint = tracker.output_dir / "checkpoints" / "last.keras"
     epochs_done = 0
     for number, phase in enumerate(phases, start=1):
         freeze(base, phase.freeze_depth)
         compile_model(model, run.optimizer, phase.lr)
+        split = split_frozen(model, base) if run.trainer.cache_frozen_features else None
         trainable, frozen = parameter_count(model.trainable_weights), parameter_count(model.non_trainable_weights)
         tracker.log_params(
             {
@@ -220,6 +322,7 @@ def fit(run: RunConfig, data: DataSplits, tracker: Tracker, resume_from: Path | 
                 f"phase{number}.freeze_depth": phase.freeze_depth,
                 f"phase{number}.trainable_params": trainable,
                 f"phase{number}.frozen_params": frozen,
+                f"phase{number}.cached_up_to": split.cut if split else "none",
             }
         )
         log.info(
@@ -227,14 +330,23 @@ def fit(run: RunConfig, data: DataSplits, tracker: Tracker, resume_from: Path | 
             "%d trainable and %d frozen parameters, lr=%g, %d epoch(s)",
             number, len(phases), phase.name, phase.freeze_depth, len(base.layers), trainable, frozen, phase.lr, phase.epochs,
         )
-        model.fit(
-            train,
-            validation_data=val,
-            initial_epoch=epochs_done,
-            epochs=epochs_done + phase.epochs,
-            callbacks=[EpochTracker(tracker, phase, checkpoint)],
-            shuffle=False,  # the dataset shuffles itself
-            verbose=1 if run.trainer.progress else 0,
-        )
+        cache = frozen_features(split, data, batch_size, tracker.output_dir / "frozen_features", run.trainer.progress) if split else nullcontext()
+        with cache as features:
+            if features is None:  # through the whole model, every epoch
+                fitted, train, val = model, train_images, val_images
+            else:  # the layers after the cut, on the cached output of those before it
+                fitted = split.trainable
+                fitted.compile(optimizer=model.optimizer, loss=model.loss, metrics=["accuracy"])  # the classifier's own optimizer
+                train = feature_batches(features["train"], data.train.labels, train_rows)
+                val = feature_batches(features["val"], data.val.labels, val_rows)
+            fitted.fit(
+                train,
+                validation_data=val,
+                initial_epoch=epochs_done,
+                epochs=epochs_done + phase.epochs,
+                callbacks=[EpochTracker(tracker, phase, checkpoint, model)],
+                shuffle=False,  # the dataset shuffles itself
+                verbose=1 if run.trainer.progress else 0,
+            )
         epochs_done += phase.epochs
-    return KerasModel(model, run.trainer.batch_size)
+    return KerasModel(model, batch_size)

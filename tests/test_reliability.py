@@ -29,11 +29,13 @@ def runs_of(uri: str) -> list:
     return client.search_runs([exp.experiment_id]) if exp else []
 
 
-def start_and_interrupt(cli_env: dict, cmd: list[str], cwd: Path, artifacts: Path, sig: int) -> subprocess.CompletedProcess:
-    """Start the runner, wait for its third checkpoint, then send ``sig`` (mid-training)."""
+def start_and_interrupt(
+    cli_env: dict, cmd: list[str], cwd: Path, artifacts: Path, sig: int, checkpoint: str = "last.pt"
+) -> subprocess.CompletedProcess:
+    """Start the runner, wait for its first logged checkpoint, then send ``sig`` (mid-training)."""
     proc = subprocess.Popen(cmd, cwd=cwd, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
-    while not any(p.stat().st_size > 0 for p in artifacts.glob("*/artifacts/checkpoints/last.pt")):
+    while not any(p.stat().st_size > 0 for p in artifacts.glob(f"*/artifacts/checkpoints/{checkpoint}")):
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.05)
@@ -72,6 +74,16 @@ def test_interrupted_run_is_killed_and_resumes_to_the_same_result(sig, store, da
     (reference,) = runs_of(reference_store)
     for key in ("test_accuracy", "test_loss", "test_roc_auc", "val_loss", "train_loss"):
         assert finished.data.metrics[key] == reference.data.metrics[key], key
+
+
+def test_interrupted_keras_run_ends_killed(store, data_cache, tmp_path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"], "CRACK_RUNNER_DATA": str(data_cache)}
+    keras_run = ["model=resnet50", "model.weights=null", "trainer.epochs=40"]
+    result = start_and_interrupt(env, _cmd(store, keras_run), tmp_path, Path(store["artifacts"]), signal.SIGTERM, "last.keras")
+    assert result.returncode == 130, result.stderr[-3000:]
+    (killed,) = runs_of(store["uri"])
+    assert killed.info.status == "KILLED" and "Traceback" not in result.stderr
+    assert 1 <= len(mlflow.MlflowClient(store["uri"]).get_metric_history(killed.info.run_id, "val_loss")) < 40
 
 
 def test_resume_refuses_a_finished_run_or_another_config(make_cfg, client):

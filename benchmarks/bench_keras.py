@@ -1,0 +1,217 @@
+"""Benchmark: the runner's ResNet50 runs against the plain capstone notebook, on the same images.
+
+    python benchmarks/bench_keras.py                                  # 2,000 synthetic images at 227x227, 3 epochs
+    python benchmarks/bench_keras.py --per-class 100 --size 64        # a quick look
+    python benchmarks/bench_keras.py --uncached                       # also the runner with trainer.cache_frozen_features=false
+
+For ResNet50 with the whole base frozen and with freeze_depth=140, both sides train on the
+same training split and validate on the same validation split each epoch, with the same
+batch size and epochs, random weights (no download). Per side: seconds (data and model
+building included), epochs/s, training images/s and the speed-up. The runner starts with a
+cold decode cache each time (it decodes every image once, in parallel); the plain script
+(benchmarks/plain_keras.py) decodes every JPEG with PIL each epoch. Then, per runner run,
+where its time went: decoding, model building, the frozen layers run once, the epochs,
+checkpoints and MLflow, the test evaluation, the model export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from tabulate import tabulate
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import plain_keras  # noqa: E402
+
+import datasets  # noqa: E402
+from runner import app, keras_trainer  # noqa: E402
+from models.keras_backbones import build, freeze, frozen_layer_count, split_frozen  # noqa: E402
+from runner.config import KerasBackboneConfig, register_schemas, to_run_config  # noqa: E402
+from runner.tracking import Tracker  # noqa: E402
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+# What the runner spends its time on: (object, attribute, label), each timed exclusive of the
+# others called inside it (a profile of stages: the labels' seconds add up to the run).
+STAGES = [
+    (app.datasets, "load", "data: decode (cold cache) + split"),
+    (keras_trainer, "build", "model build"),
+    (keras_trainer, "extract_features", "frozen layers, once per train+val image"),
+    (keras_trainer, "fit", "epochs: training + validation steps"),
+    (keras_trainer, "save_checkpoint", "checkpoint .keras each epoch"),
+    (Tracker, "log_epoch", "MLflow: epoch metrics"),
+    (Tracker, "log_artifact", "MLflow: artifact uploads (checkpoints)"),
+    (keras_trainer.KerasModel, "predict_proba", "test predictions (+ 4 for MLflow's signature)"),
+    (app, "evaluate_and_log", "test metrics, plots, JSON"),
+    (keras_trainer.KerasModel, "log_model", "MLflow: model export"),
+]
+
+
+@contextlib.contextmanager
+def stage_timers() -> Iterator[dict[str, float]]:
+    """Patch each stage to add its own seconds (minus those of stages inside it) to the yielded dict."""
+    times: dict[str, float] = defaultdict(float)
+    stack: list[str] = []
+    saved = []
+    for owner, name, label in STAGES:
+        original = getattr(owner, name)
+        saved.append((owner, name, original))
+
+        def timed(*args, _fn=original, _label=label, **kwargs):
+            start = time.perf_counter()
+            stack.append(_label)
+            try:
+                return _fn(*args, **kwargs)
+            finally:
+                stack.pop()
+                seconds = time.perf_counter() - start
+                times[_label] += seconds
+                if stack:
+                    times[stack[-1]] -= seconds
+
+        setattr(owner, name, timed)
+    try:
+        yield times
+    finally:
+        for owner, name, original in saved:
+            setattr(owner, name, original)
+
+
+def compose_cfg(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def runner_times(overrides: list[str]) -> dict[str, float]:
+    """Seconds of each stage of one runner run and of the whole run."""
+    cfg = compose_cfg(overrides)
+    with stage_timers() as times:
+        start = time.perf_counter()
+        app.run(cfg)
+        times["whole run"] = time.perf_counter() - start
+    return dict(times)
+
+
+def profile_rows(times: dict[str, float]) -> list[tuple[str, str, str]]:
+    whole = times["whole run"]
+    rows = [(label, times.get(label, 0.0)) for _, _, label in STAGES]
+    rows.append(("other: run start/end, params, tags, summary", whole - sum(seconds for _, seconds in rows)))
+    return [(label, f"{seconds:.1f}", f"{100 * seconds / whole:.0f}%") for label, seconds in rows] + [("whole run", f"{whole:.1f}", "100%")]
+
+
+def frozen_gflop(size: int, freeze_depth: int | None) -> tuple[str, float]:
+    """The cut the runner makes and the GFLOP (2 x multiply-adds of convolutions and dense layers) of the frozen part per image."""
+    keras = keras_trainer.keras
+    model, base = build(KerasBackboneConfig(name="resnet50", weights=None), (size, size, 3), 2)
+    freeze(base, frozen_layer_count(base, freeze_depth))
+    cut = split_frozen(model, base).cut
+    fresh = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(size, size, 3))  # one node per layer
+    macs = 0
+    for layer in fresh.layers:
+        if isinstance(layer, keras.layers.Conv2D):
+            _, height, width, channels = layer.output.shape
+            macs += height * width * channels * math.prod(layer.kernel.shape[:-1])
+        if layer.name == cut:
+            break
+    return cut, 2 * macs / 1e9
+
+
+def matmul_gflops(seconds: float = 3.0) -> float:
+    """This machine's float32 matrix-multiply rate, the practical ceiling of convolution throughput."""
+    tf = keras_trainer.tf
+    a = tf.random.normal((2048, 2048))
+    b = tf.linalg.matmul(a, a)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        b = tf.linalg.matmul(a, b * 1e-3)
+        count += 1
+    _ = b.numpy()
+    return count * 2 * 2048**3 / (time.perf_counter() - start) / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--per-class", type=int, default=1000)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=100, help="the notebook's batch size")
+    parser.add_argument("--size", type=int, default=227)
+    parser.add_argument("--freeze-depth", nargs="+", default=["null", "140"], help="null = the whole base frozen")
+    parser.add_argument("--uncached", action="store_true", help="also run the runner with trainer.cache_frozen_features=false")
+    parser.add_argument("--workdir", type=Path, default=None, help="keep data and store here (default: a temp folder)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    register_schemas()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-keras-"))
+    common = [
+        "model=resnet50", "model.weights=null",
+        f"dataset.samples_per_class={args.per_class}", f"dataset.image_size={args.size}",
+        f"trainer.epochs={args.epochs}", f"trainer.batch_size={args.batch_size}", "trainer.progress=false",
+        f"dataset.cache_dir={work / 'data'}", f"tracking.uri=sqlite:///{work / 'mlflow.db'}",
+        f"tracking.artifact_root={work / 'mlruns'}", "tracking.experiment=benchmark",
+    ]
+    run_cfg = to_run_config(compose_cfg(common))
+    data = datasets.load(run_cfg.dataset, run_cfg.seed, progress=False)  # generates the images once
+    train_files, train_labels = data.train.paths, data.train.labels.tolist()
+    val_files, val_labels = data.val.paths, data.val.labels.tolist()
+    n, n_val = len(train_files), len(val_files)
+    print(f"ResNet50 (random weights), {n} training + {n_val} validation images (of {n + n_val + len(data.test)}) "
+          f"at {args.size}x{args.size}, {args.epochs} epochs, batch {args.batch_size}, {os.cpu_count()} cores, "
+          f"TensorFlow {keras_trainer.tf.__version__}", flush=True)
+
+    rows, profiles, notes = [], [], []
+    for text in args.freeze_depth:
+        depth = None if text == "null" else int(text)
+        name = "whole base frozen" if depth is None else f"freeze_depth={depth}"
+        plain, epoch_seconds = plain_keras.train(train_files, train_labels, val_files, val_labels, args.size, args.epochs, args.batch_size, depth)
+        print(f"{name}: plain {plain:.1f} s (epochs {', '.join(f'{s:.1f}' for s in epoch_seconds)})", flush=True)
+        sides = [("plain script (PIL per batch, model.fit)", plain, None)]
+        variants = [("runner", "true")] + ([("runner, cache_frozen_features=false", "false")] if args.uncached else [])
+        for label, cache in variants:
+            shutil.rmtree(work / "data" / "decoded", ignore_errors=True)  # each runner run decodes anew
+            times = runner_times([*common, f"freeze_depth={text}", f"trainer.cache_frozen_features={cache}"])
+            data_s = times["data: decode (cold cache) + split"]
+            fit_s = sum(times.get(label, 0.0) for _, _, label in STAGES[1:7])  # the trainer's fit, all in
+            print(f"{name}: {label} {data_s + fit_s:.1f} s (data {data_s:.1f}), whole run {times['whole run']:.1f} s", flush=True)
+            sides += [(f"{label}: data + fit", data_s + fit_s, data_s), (f"{label}: whole run incl. test + MLflow", times["whole run"], data_s)]
+            profiles.append((f"{name}, {label}", times))
+            if cache == "true":
+                cut, gflop = frozen_gflop(args.size, depth)
+                extract = times.get("frozen layers, once per train+val image", 0.0)
+                fixed = data_s + extract + times.get("model build", 0.0)
+                per_epoch = (data_s + fit_s - fixed) / args.epochs
+                plain_epoch = sum(epoch_seconds[1:]) / max(1, len(epoch_seconds) - 1)  # the first one also traces
+                at10 = (plain - sum(epoch_seconds) + epoch_seconds[0] + 9 * plain_epoch) / (fixed + 10 * per_epoch)
+                notes.append(
+                    f"{name}: frozen part up to {cut}, {gflop:.2f} GFLOP per image, run once for {n + n_val} images in "
+                    f"{extract:.1f} s = {(n + n_val) / max(extract, 1e-9):.1f} images/s, {gflop * (n + n_val) / max(extract, 1e-9):.0f} GFLOP/s; "
+                    f"then {per_epoch:.1f} s per epoch (plain: {plain_epoch:.1f} s). Projected from these parts at "
+                    f"trainer.epochs=10 (the runner's default): {at10:.1f}x"
+                )
+        for side, seconds, data_s in sides:
+            rows.append((name, side, f"{seconds:.1f}", f"{data_s:.1f}" if data_s is not None else "-",
+                         f"{args.epochs / seconds:.4f}", f"{n * args.epochs / seconds:.1f}", f"{plain / seconds:.2f}x"))
+
+    print()
+    print(tabulate(rows, headers=("", "", "seconds", "of which data", "epochs/s", "train images/s", "speed-up vs plain")))
+    print(f"\nthis machine's float32 matmul rate (the ceiling for convolutions): {matmul_gflops():.0f} GFLOP/s")
+    for note in notes:
+        print(note)
+    for title, times in profiles:
+        print(f"\nwhere the runner's time goes: {title}")
+        print(tabulate(profile_rows(times), headers=("stage", "seconds", "share")))
+
+
+if __name__ == "__main__":
+    main()

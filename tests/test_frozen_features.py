@@ -1,0 +1,134 @@
+"""Frozen features: training on the cached output of the frozen layers equals training through them.
+
+Tiny ResNet50 runs (random init, 32 px, a few dozen images) with ``trainer.cache_frozen_features``
+on and off, from the same seed: the same predictions and epoch metrics within float tolerance.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from runner import keras_trainer  # noqa: I001  (first: it puts Keras on TensorFlow before keras is imported)
+import keras
+
+import datasets
+from models.keras_backbones import build, freeze, frozen_layer_count, split_frozen
+from runner.config import KerasBackboneConfig, to_run_config
+from runner.seeding import seed_everything
+
+SHAPE = (32, 32, 3)
+
+
+class RecordingTracker:
+    """The part of runner.tracking.Tracker the trainer uses, without MLflow."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.output_dir = output_dir
+        self.params: dict[str, Any] = {}
+        self.history: list[dict[str, Any]] = []
+        self.artifacts: list[str] = []
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.params.update(params)
+
+    def log_epoch(self, step: int, metrics: dict[str, float], phase: str = "train") -> None:
+        self.history.append({"step": step, "phase": phase, **{k: float(v) for k, v in metrics.items()}})
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.artifacts.append(f"{artifact_path}/{Path(path).name}")
+
+
+def train(make_cfg, folder: Path, cache: bool, *overrides: str):
+    """One Keras fit as the runner does it; the test images' probabilities, the tracker and the trained model."""
+    run_cfg = to_run_config(make_cfg("model=resnet50", "model.weights=null", f"trainer.cache_frozen_features={cache}", *overrides))
+    seed_everything(run_cfg.seed)
+    data = datasets.load(run_cfg.dataset, run_cfg.seed, progress=False)
+    tracker = RecordingTracker(folder)
+    trained = keras_trainer.fit(run_cfg, data, tracker)
+    return trained.predict_proba(data.test.images), tracker, trained.model
+
+
+@pytest.mark.slow
+def test_training_on_cached_frozen_features_equals_training_through_the_frozen_layers(make_cfg, tmp_path, monkeypatch):
+    # Phase 1 (2 epochs): the head on the whole frozen base, cached as pooled vectors. Phase 2:
+    # freeze_depth=140 ends inside conv4's block 6, whose BN/add/relu hold no trainable weight, so
+    # the cut is its output. Epoch orders continue across epochs and phases in both runs.
+    overrides = ["freeze_depth=140", "fine_tune_lr=0.001", "trainer.epochs=2", "trainer.fine_tune_epochs=1"]
+    cuts = ["pool", "conv4_block6_out"]
+    monkeypatch.setattr(keras_trainer, "IN_MEMORY_FEATURES", 64 * 2**10)  # feature maps: read from the memmap per batch
+    fitted: list[str] = []
+    keras_fit = keras.Model.fit
+
+    def spy_fit(model, *args, **kwargs):
+        fitted.append(model.name)
+        return keras_fit(model, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "fit", spy_fit)
+    cached, cached_tracker, cached_model = train(make_cfg, tmp_path / "cached", True, *overrides)
+    assert fitted == ["trainable_part"] * len(cuts)
+    fitted.clear()
+    through, through_tracker, _ = train(make_cfg, tmp_path / "through", False, *overrides)
+    assert fitted == ["resnet50_classifier"] * len(cuts)
+
+    assert [cached_tracker.params[f"phase{n}.cached_up_to"] for n in range(1, len(cuts) + 1)] == cuts
+    assert through_tracker.params["phase1.cached_up_to"] == "none"
+    np.testing.assert_allclose(cached, through, rtol=1e-4, atol=1e-5)
+    assert [h["phase"] for h in cached_tracker.history] == ["head", "head", "fine_tune"]
+    assert len(cached_tracker.history) == len(through_tracker.history)
+    for mine, theirs in zip(cached_tracker.history, through_tracker.history):
+        assert mine.pop("phase") == theirs.pop("phase")
+        assert mine == pytest.approx(theirs, rel=1e-4, abs=1e-5)
+    assert cached_tracker.history[0]["train_loss"] != cached_tracker.history[-1]["train_loss"]  # it trained
+
+    # The checkpoint holds the whole classifier with the trained weights; the cache is gone.
+    assert cached_tracker.artifacts[-1] == "checkpoints/last.keras"
+    checkpoint = keras.saving.load_model(tmp_path / "cached" / "checkpoints" / "last.keras")
+    assert checkpoint.name == "resnet50_classifier" and int(checkpoint.optimizer.iterations) > 0
+    for saved, trained in zip(checkpoint.weights, cached_model.weights):
+        np.testing.assert_array_equal(saved.numpy(), trained.numpy())
+    assert not (tmp_path / "cached" / "frozen_features").exists()
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, tuple[keras.Model, keras.Model]]:
+    keras.utils.set_random_seed(0)
+    return {name: build(KerasBackboneConfig(name=name, weights=None), SHAPE, 2) for name in ("resnet50", "vgg16")}
+
+
+@pytest.mark.parametrize(
+    "name, freeze_depth, cut",
+    [
+        ("resnet50", None, "pool"),
+        ("resnet50", 175, "pool"),
+        ("resnet50", 140, "conv4_block6_out"),
+        ("resnet50", 150, "conv4_block6_out"),  # 143-149 (conv5_block1's first convs) frozen, yet after the last clean cut
+        ("resnet50", 10, "pool1_pool"),
+        ("resnet50", 1, None),  # nothing with weights before the first trainable layer
+        ("resnet50", 0, None),
+        ("vgg16", 15, "block4_pool"),
+    ],
+)
+def test_the_split_is_the_model_cut_at_the_last_clean_boundary_of_its_frozen_part(models, name, freeze_depth, cut):
+    model, base = models[name]
+    freeze(base, frozen_layer_count(base, freeze_depth))
+    split = split_frozen(model, base)
+    if cut is None:
+        assert split is None
+        return
+    assert split.cut == cut
+    assert not split.frozen.trainable_weights
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in split.frozen.layers[-1 if cut != "pool" else -2].layers)
+    assert [id(w) for w in split.trainable.trainable_weights] == [id(w) for w in model.trainable_weights]
+    pixels = np.random.default_rng(0).uniform(0, 255, (3, *SHAPE)).astype(np.float32)
+    features = split.frozen(pixels, training=False)
+    np.testing.assert_allclose(split.trainable(features, training=False).numpy(), model(pixels, training=False).numpy(), rtol=1e-4, atol=1e-6)
+    # The frozen part is an inference copy with BatchNormalization folded into the convolutions: the same values.
+    if cut == "pool":
+        expected = keras.Model(model.inputs[0], model.get_layer("pool").output)(pixels, training=False).numpy()
+    else:
+        expected = keras.Model(base.inputs[0], base.get_layer(cut).output)(model.get_layer("preprocess_input")(pixels)).numpy()
+    np.testing.assert_allclose(features.numpy(), expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
