@@ -61,7 +61,10 @@ STAGES = [
 
 @contextlib.contextmanager
 def stage_timers() -> Iterator[dict[str, float]]:
-    """Patch each stage to add its own seconds (minus those of stages inside it) to the yielded dict."""
+    """Patch each stage to add its own seconds (minus those of stages inside it) to the yielded dict.
+
+    Wall seconds under each label, CPU seconds of the process under ``cpu:<label>``.
+    """
     times: dict[str, float] = defaultdict(float)
     stack: list[str] = []
     saved = []
@@ -70,16 +73,18 @@ def stage_timers() -> Iterator[dict[str, float]]:
         saved.append((owner, name, original))
 
         def timed(*args, _fn=original, _label=label, **kwargs):
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             stack.append(_label)
             try:
                 return _fn(*args, **kwargs)
             finally:
                 stack.pop()
-                seconds = time.perf_counter() - start
+                seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
                 times[_label] += seconds
+                times[f"cpu:{_label}"] += cpu_seconds
                 if stack:
                     times[stack[-1]] -= seconds
+                    times[f"cpu:{stack[-1]}"] -= cpu_seconds
 
         setattr(owner, name, timed)
     try:
@@ -98,17 +103,18 @@ def runner_times(overrides: list[str]) -> dict[str, float]:
     """Seconds of each stage of one runner run and of the whole run."""
     cfg = compose_cfg(overrides)
     with stage_timers() as times:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         app.run(cfg)
-        times["whole run"] = time.perf_counter() - start
+        times["whole run"], times["cpu:whole run"] = time.perf_counter() - start, time.process_time() - cpu
     return dict(times)
 
 
 def profile_rows(times: dict[str, float]) -> list[tuple[str, str, str]]:
-    whole = times["whole run"]
-    rows = [(label, times.get(label, 0.0)) for _, _, label in STAGES]
-    rows.append(("other: run start/end, params, tags, summary", whole - sum(seconds for _, seconds in rows)))
-    return [(label, f"{seconds:.1f}", f"{100 * seconds / whole:.0f}%") for label, seconds in rows] + [("whole run", f"{whole:.1f}", "100%")]
+    whole, whole_cpu = times["whole run"], times["cpu:whole run"]
+    rows = [(label, times.get(label, 0.0), times.get(f"cpu:{label}", 0.0)) for _, _, label in STAGES]
+    rows.append(("other: run start/end, params, tags, summary", whole - sum(r[1] for r in rows), whole_cpu - sum(r[2] for r in rows)))
+    rows.append(("whole run", whole, whole_cpu))
+    return [(label, f"{seconds:.1f}", f"{100 * seconds / whole:.0f}%", f"{cpu:.1f}") for label, seconds, cpu in rows]
 
 
 def frozen_gflop(size: int, freeze_depth: int | None) -> tuple[str, float]:
@@ -139,6 +145,11 @@ def matmul_gflops(seconds: float = 3.0) -> float:
         count += 1
     _ = b.numpy()
     return count * 2 * 2048**3 / (time.perf_counter() - start) / 1e9
+
+
+def load() -> str:
+    """The 1-minute load average: how busy the machine was (2 cores; the benchmark alone keeps it near 2)."""
+    return open("/proc/loadavg").read().split()[0]
 
 
 def main() -> None:
@@ -174,17 +185,23 @@ def main() -> None:
     for text in args.freeze_depth:
         depth = None if text == "null" else int(text)
         name = "whole base frozen" if depth is None else f"freeze_depth={depth}"
+        cpu = time.process_time()
         plain, epoch_seconds = plain_keras.train(train_files, train_labels, val_files, val_labels, args.size, args.epochs, args.batch_size, depth)
-        print(f"{name}: plain {plain:.1f} s (epochs {', '.join(f'{s:.1f}' for s in epoch_seconds)})", flush=True)
-        sides = [("plain script (PIL per batch, model.fit)", plain, None)]
+        plain_cpu = time.process_time() - cpu
+        print(f"{name}: plain {plain:.1f} s, {plain_cpu:.1f} CPU s (epochs {', '.join(f'{s:.1f}' for s in epoch_seconds)}) "
+              f"load {load()}", flush=True)
+        sides = [("plain script (PIL per batch, model.fit)", plain, plain_cpu, None)]
         variants = [("runner", "true")] + ([("runner, cache_frozen_features=false", "false")] if args.uncached else [])
         for label, cache in variants:
             shutil.rmtree(work / "data" / "decoded", ignore_errors=True)  # each runner run decodes anew
             times = runner_times([*common, f"freeze_depth={text}", f"trainer.cache_frozen_features={cache}"])
             data_s = times["data: decode (cold cache) + split"]
             fit_s = sum(times.get(label, 0.0) for _, _, label in STAGES[1:7])  # the trainer's fit, all in
-            print(f"{name}: {label} {data_s + fit_s:.1f} s (data {data_s:.1f}), whole run {times['whole run']:.1f} s", flush=True)
-            sides += [(f"{label}: data + fit", data_s + fit_s, data_s), (f"{label}: whole run incl. test + MLflow", times["whole run"], data_s)]
+            cpu_s = sum(times.get(f"cpu:{label}", 0.0) for _, _, label in STAGES[:7])
+            print(f"{name}: {label} {data_s + fit_s:.1f} s, {cpu_s:.1f} CPU s (data {data_s:.1f}), whole run {times['whole run']:.1f} s "
+                  f"load {load()}", flush=True)
+            sides += [(f"{label}: data + fit", data_s + fit_s, cpu_s, data_s),
+                      (f"{label}: whole run incl. test + MLflow", times["whole run"], times["cpu:whole run"], data_s)]
             profiles.append((f"{name}, {label}", times))
             if cache == "true":
                 cut, gflop = frozen_gflop(args.size, depth)
@@ -199,18 +216,21 @@ def main() -> None:
                     f"then {per_epoch:.1f} s per epoch (plain: {plain_epoch:.1f} s). Projected from these parts at "
                     f"trainer.epochs=10 (the runner's default): {at10:.1f}x"
                 )
-        for side, seconds, data_s in sides:
+        for side, seconds, cpu_s, data_s in sides:
             rows.append((name, side, f"{seconds:.1f}", f"{data_s:.1f}" if data_s is not None else "-",
-                         f"{args.epochs / seconds:.4f}", f"{n * args.epochs / seconds:.1f}", f"{plain / seconds:.2f}x"))
+                         f"{args.epochs / seconds:.4f}", f"{n * args.epochs / seconds:.1f}", f"{plain / seconds:.2f}x",
+                         f"{cpu_s:.0f}", f"{plain_cpu / cpu_s:.2f}x"))
 
     print()
-    print(tabulate(rows, headers=("", "", "seconds", "of which data", "epochs/s", "train images/s", "speed-up vs plain")))
+    print(tabulate(rows, headers=("", "", "seconds", "of which data", "epochs/s", "train images/s", "speed-up vs plain",
+                                  "CPU seconds", "CPU speed-up")))
+    print("(CPU seconds: of this process, all threads; less sensitive than wall time to other programs on the machine)")
     print(f"\nthis machine's float32 matmul rate (the ceiling for convolutions): {matmul_gflops():.0f} GFLOP/s")
     for note in notes:
         print(note)
     for title, times in profiles:
         print(f"\nwhere the runner's time goes: {title}")
-        print(tabulate(profile_rows(times), headers=("stage", "seconds", "share")))
+        print(tabulate(profile_rows(times), headers=("stage", "seconds", "share", "CPU seconds")))
 
 
 if __name__ == "__main__":

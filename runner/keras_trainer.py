@@ -93,8 +93,12 @@ def feature_batches(features: np.ndarray, labels: np.ndarray, rows: tf.data.Data
     targets = tf.convert_to_tensor(labels)
     shape = (None, *features.shape[1:])
 
+    def read(rows: np.ndarray) -> np.ndarray:
+        return features[rows]
+
+    @tf.autograph.experimental.do_not_convert  # plain tensor code; AutoGraph only warns about the closure
     def take(rows: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        x = tf.numpy_function(lambda r: features[r], [rows], tf.float32, stateful=False)
+        x = tf.numpy_function(read, [rows], tf.float32, stateful=False)
         x.set_shape(shape)
         return x, tf.gather(targets, rows)
 
@@ -111,6 +115,7 @@ def extract_features(frozen: keras.Model, splits: dict[str, np.ndarray], batch_s
         out = np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=np.float32, shape=(len(images), *shape))
         start = 0
         for x in tqdm(batches(images, None, batch_size), desc=f"frozen layers: {name}", unit="batch", leave=False, disable=not progress):
+            interrupt.check()  # Ctrl-C / SIGTERM: stop between batches here too (this pass can take minutes)
             y = step(x).numpy()
             out[start : start + len(y)] = y
             start += len(y)

@@ -135,7 +135,8 @@ HISTORY = "history.json"
 # Keys that may change when an interrupted run is resumed: where and how it runs, not what.
 RESUME_MAY_DIFFER = frozenset(
     {"resume", "trainer.progress", "trainer.num_threads", "tracking.uri", "tracking.run_name",
-     "tracking.artifact_root", "dataset.cache_dir", "dataset.decode_workers", "dataset.decode_cache"}
+     "tracking.artifact_root", "dataset.cache_dir", "dataset.decode_workers", "dataset.decode_cache",
+     "trainer.cache_frozen_features"}
 )
 
 

@@ -57,7 +57,7 @@ def test_training_on_cached_frozen_features_equals_training_through_the_frozen_l
     # Phase 1 (2 epochs): the head on the whole frozen base, cached as pooled vectors. Phase 2:
     # freeze_depth=140 ends inside conv4's block 6, whose BN/add/relu hold no trainable weight, so
     # the cut is its output. Epoch orders continue across epochs and phases in both runs.
-    overrides = ["freeze_depth=140", "fine_tune_lr=0.001", "trainer.epochs=2", "trainer.fine_tune_epochs=1"]
+    overrides = ["optimizer.lr=0.01", "freeze_depth=140", "fine_tune_lr=0.001", "trainer.epochs=2", "trainer.fine_tune_epochs=1"]
     cuts = ["pool", "conv4_block6_out"]
     monkeypatch.setattr(keras_trainer, "IN_MEMORY_FEATURES", 64 * 2**10)  # feature maps: read from the memmap per batch
     fitted: list[str] = []
@@ -95,8 +95,15 @@ def test_training_on_cached_frozen_features_equals_training_through_the_frozen_l
 
 @pytest.fixture(scope="module")
 def models() -> dict[str, tuple[keras.Model, keras.Model]]:
+    """Random-init models whose BatchNormalization layers hold statistics, scales and offsets unlike their init."""
     keras.utils.set_random_seed(0)
-    return {name: build(KerasBackboneConfig(name=name, weights=None), SHAPE, 2) for name in ("resnet50", "vgg16")}
+    rng = np.random.default_rng(0)
+    built = {name: build(KerasBackboneConfig(name=name, weights=None), SHAPE, 2) for name in ("resnet50", "vgg16")}
+    for layer in built["resnet50"][1].layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            gamma, beta, mean, variance = (w.shape for w in layer.get_weights())
+            layer.set_weights([rng.uniform(0.5, 1.5, gamma), rng.normal(0, 0.1, beta), rng.normal(0, 0.1, mean), rng.uniform(0.5, 2, variance)])
+    return built
 
 
 @pytest.mark.parametrize(
