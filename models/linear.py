@@ -25,10 +25,13 @@ class LinearClassifier(nn.Module):
         repeats = features // len(mean)  # channels are the last axis: the pattern repeats per pixel
         mean_t = torch.as_tensor(mean, dtype=torch.float32).repeat(repeats)
         std_t = torch.as_tensor(std, dtype=torch.float32).repeat(repeats)
-        # (pixels / 255 - mean) / std as one multiply-add over the flattened image
+        # (pixels / 255 - mean) / std = pixels * scale + shift over the flattened image
         self.register_buffer("scale", 1.0 / (255.0 * std_t))
         self.register_buffer("shift", -mean_t / std_t)
         self.linear = nn.Linear(features, num_classes)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.linear(torch.addcmul(self.shift, pixels.flatten(1), self.scale))
+        # w . (x * scale + shift) + b == (w * scale) . x + (w . shift + b): the normalisation folded
+        # into the weights costs 2 x features multiply-adds a batch instead of batch x features.
+        weight = self.linear.weight
+        return nn.functional.linear(pixels.flatten(1), weight * self.scale, self.linear.bias + weight @ self.shift)

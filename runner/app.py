@@ -113,6 +113,6 @@ def run(cfg: DictConfig) -> float:
         model = trainer.fit(run_cfg, data, tracker, resume_from)
         metrics = evaluate_and_log(model, data, tracker)
         tracker.model_metadata["classes"] = data.classes
-        model.log_model(tracker, data.train.images[:4].astype(np.float32))
+        model.log_model(tracker, data.train.images[:2].astype(np.float32))  # 2: a batch axis torch.export keeps dynamic
     summary.report(metrics, tracker.run_id, run_cfg.tracking.experiment, run_cfg.tracking.uri, tracker.model_uri)
     return metrics[run_cfg.objective]

@@ -95,16 +95,22 @@ def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class Batches:
-    """Mini-batches of a decoded split, gathered by index in one step.
+    """Mini-batches of a decoded split as float32 on ``device``, gathered by index in one step.
 
     The pixels are already in memory as one uint8 tensor, so a batch is a single indexing
-    operation instead of a DataLoader collating image by image. ``shuffle``: a generator
-    that draws a new order every epoch (its state goes into checkpoints).
+    operation instead of a DataLoader collating image by image. Each batch is gathered and
+    converted into buffers allocated once: a fresh 60 MB float tensor per batch costs more in
+    page faults than the conversion itself (17 ms against 2 ms for 100 images at 227 px), so
+    a yielded batch is overwritten by the next one. ``shuffle``: a generator that draws a new
+    order every epoch (its state goes into checkpoints).
     """
 
-    def __init__(self, split: Split, batch_size: int, shuffle: torch.Generator | None = None) -> None:
+    def __init__(self, split: Split, batch_size: int, device: torch.device, shuffle: torch.Generator | None = None) -> None:
         self.images, self.labels = torch.from_numpy(split.images), torch.from_numpy(split.labels)
-        self.batch_size, self.shuffle = batch_size, shuffle
+        self.batch_size, self.device, self.shuffle = batch_size, device, shuffle
+        shape = (min(batch_size, len(self.labels)), *self.images.shape[1:])
+        self.pixels = torch.empty(shape, dtype=torch.uint8)
+        self.floats = torch.empty(shape, dtype=torch.float32, device=device)
 
     def __len__(self) -> int:
         return math.ceil(len(self.labels) / self.batch_size)
@@ -114,11 +120,12 @@ class Batches:
         order = torch.randperm(n, generator=self.shuffle) if self.shuffle is not None else torch.arange(n)
         for start in range(0, n, self.batch_size):
             index = order[start : start + self.batch_size]
-            yield self.images[index], self.labels[index]
+            pixels = torch.index_select(self.images, 0, index, out=self.pixels[: len(index)])
+            yield self.floats[: len(index)].copy_(pixels), self.labels[index].to(self.device)
 
 
 def train_one_epoch(
-    model: nn.Module, loader: Batches, optimizer: torch.optim.Optimizer, device: torch.device, desc: str, progress: bool
+    model: nn.Module, loader: Batches, optimizer: torch.optim.Optimizer, desc: str, progress: bool
 ) -> tuple[float, float]:
     """One pass over the training split; returns mean loss and accuracy."""
     model.train()
@@ -126,7 +133,6 @@ def train_one_epoch(
     total_loss, correct, seen = 0.0, 0, 0
     for images, labels in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
         interrupt.check()
-        images, labels = images.to(device).float(), labels.to(device)
         logits = model(images)
         loss = criterion(logits, labels)
         if not torch.isfinite(loss):
@@ -144,13 +150,12 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Batches, device: torch.device) -> tuple[float, float]:
+def evaluate(model: nn.Module, loader: Batches) -> tuple[float, float]:
     """Mean loss and accuracy over a split, in eval mode."""
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
     total_loss, correct, seen = 0.0, 0, 0
     for images, labels in loader:
-        images, labels = images.to(device).float(), labels.to(device)
         logits = model(images)
         total_loss += criterion(logits, labels).item()
         correct += (logits.argmax(1) == labels).sum().item()
@@ -198,17 +203,17 @@ def fit(run: RunConfig, data: DataSplits, tracker: Tracker, resume_from: Path | 
     optimizer = build_optimizer(run.optimizer, model.parameters())
     tracker.log_params({"device": device.type, "trainable_params": sum(p.numel() for p in model.parameters())})
     shuffle = torch.Generator().manual_seed(run.seed)
-    train_loader = Batches(data.train, run.trainer.batch_size, shuffle)
-    val_loader = Batches(data.val, run.trainer.batch_size)
+    train_loader = Batches(data.train, run.trainer.batch_size, device, shuffle)
+    val_loader = Batches(data.val, run.trainer.batch_size, device)
     checkpoint = tracker.output_dir / "checkpoints" / CHECKPOINT
     done = load_checkpoint(resume_from / CHECKPOINT, model, optimizer, shuffle) if resume_from else 0
     tracker.rewind(done)
     epochs = run.trainer.epochs
     for epoch in range(done + 1, epochs + 1):
         train_loss, train_acc = train_one_epoch(
-            model, train_loader, optimizer, device, f"epoch {epoch}/{epochs}", run.trainer.progress
+            model, train_loader, optimizer, f"epoch {epoch}/{epochs}", run.trainer.progress
         )
-        val_loss, val_acc = evaluate(model, val_loader, device)
+        val_loss, val_acc = evaluate(model, val_loader)
         if not math.isfinite(val_loss):
             raise TrainingError(f"the validation loss became {val_loss} at epoch {epoch}: lower optimizer.lr.")
         save_checkpoint(checkpoint, model, optimizer, shuffle, epoch)
