@@ -68,6 +68,7 @@ def _threads_per_job(launcher: DictConfig) -> int | None:
 def _localise(run: RunConfig, job: JobContext) -> RunConfig:
     """Absolute data paths, and threads shared out so parallel sweep jobs don't oversubscribe the cores."""
     run.dataset.cache_dir = str(absolute_path(run.dataset.cache_dir))
+    run.trainer = dataclasses.replace(run.trainer, feature_cache_dir=str(absolute_path(run.trainer.feature_cache_dir)))
     if run.dataset.path:
         run.dataset.path = str(absolute_path(run.dataset.path))
     if run.trainer.num_threads is None:

@@ -168,9 +168,11 @@ class TrainerConfig:
     batch_size: int = 32
     num_threads: Optional[int] = None
     progress: bool = True
-    # Keras: compute the frozen layers once per image and train on their cached output
-    # (equal results; see runner.keras_trainer.frozen_features). False: through them every epoch.
+    # Keras: compute the frozen layers once per image and train on their stored output
+    # (equal results; see runner.frozen_features). False: through them every epoch.
     cache_frozen_features: bool = True
+    feature_cache_dir: str = "data/features"  # the store, shared by runs and sweep jobs
+    feature_cache_gb: float = 10.0  # least recently used entries beyond this are deleted
 
     def __post_init__(self) -> None:
         _positive("trainer.epochs", self.epochs)
@@ -178,6 +180,7 @@ class TrainerConfig:
         _positive("trainer.batch_size", self.batch_size)
         if self.num_threads is not None:
             _positive("trainer.num_threads", self.num_threads)
+        _require(self.feature_cache_gb >= 0, "trainer.feature_cache_gb", f"must be >= 0 (gigabytes kept between runs), got {self.feature_cache_gb}")
 
 
 @dataclass

@@ -6,10 +6,11 @@ the epoch (MLflow step) count continuing. Everything is logged through the run's
 exactly like the torch trainer.
 
 Frozen layers compute the same thing every epoch, so by default (``trainer.cache_frozen_features``)
-a phase runs them once per train and val image and trains the rest of the model on their
-cached output (see :func:`frozen_features`): with the whole base frozen each epoch is a small
-MLP fit on pooled vectors. There is no random augmentation in this trainer; one that changes
-the images every epoch would have to turn the cache off.
+a phase trains the rest of the model on their output for each train and val image, computed
+once and kept across runs in a store (runner.frozen_features): with the whole base frozen each
+epoch is a small MLP fit on pooled vectors, and a later run with the same frozen layers and
+images (a sweep's next job) skips the base entirely. There is no random augmentation in this
+trainer; one that changes the images every epoch would have to turn the cache off.
 """
 
 from __future__ import annotations
@@ -17,10 +18,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,10 +29,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 from datasets import DataSplits  # noqa: E402
 from models.keras_backbones import FrozenSplit, build, freeze, frozen_layer_count, split_frozen  # noqa: E402
+from runner.frozen_features import FeatureStore  # noqa: E402
 from runner.config import AdamConfig, OptimizerConfig, RunConfig, SGDConfig  # noqa: E402
 from runner import interrupt  # noqa: E402
 from runner.errors import ConfigError, TrainingError  # noqa: E402
@@ -81,92 +78,51 @@ def batches(
 IN_MEMORY_FEATURES = 512 * 2**20  # cached features up to this size are read into memory, larger ones per batch from the file
 
 
-def feature_batches(features: np.ndarray, labels: np.ndarray, rows: tf.data.Dataset) -> tf.data.Dataset:
-    """Batches of cached float32 features in the order of ``rows`` (see :func:`batches`).
+def feature_batches(features: np.ndarray, labels: np.ndarray | None, rows: tf.data.Dataset) -> tf.data.Dataset:
+    """Batches of stored float32 features (with labels, if given) in the order of ``rows`` (see :func:`batches`).
 
-    Small caches (pooled vectors) become one in-memory tensor; large ones (a frozen prefix's
+    Small ones (pooled vectors) become one in-memory tensor; large ones (a frozen prefix's
     feature maps, gigabytes for a few thousand images) are read from their memory-mapped file
-    batch by batch, so a cache larger than memory works too.
+    batch by batch, so features larger than memory work too.
     """
     if features.nbytes <= IN_MEMORY_FEATURES:
         return batches(np.asarray(features), labels, 0, rows=rows)
-    targets = tf.convert_to_tensor(labels)
+    targets = None if labels is None else tf.convert_to_tensor(labels)
     shape = (None, *features.shape[1:])
 
     def read(rows: np.ndarray) -> np.ndarray:
         return features[rows]
 
     @tf.autograph.experimental.do_not_convert  # plain tensor code; AutoGraph only warns about the closure
-    def take(rows: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def take(rows: tf.Tensor) -> tf.Tensor | tuple[tf.Tensor, tf.Tensor]:
         x = tf.numpy_function(read, [rows], tf.float32, stateful=False)
         x.set_shape(shape)
-        return x, tf.gather(targets, rows)
+        return x if targets is None else (x, tf.gather(targets, rows))
 
     return rows.map(take, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
-def extract_features(frozen: keras.Model, splits: dict[str, np.ndarray], batch_size: int, folder: Path, progress: bool) -> dict[str, np.ndarray]:
-    """What ``frozen`` computes for each image of each split, in inference mode, in float32 ``.npy`` memmaps in ``folder``."""
-    pixels = frozen.inputs[0]
-    step = tf.function(lambda x: frozen(x, training=False), input_signature=[tf.TensorSpec(pixels.shape, tf.float32)])
-    shape = tuple(frozen.outputs[0].shape[1:])
-    features = {}
-    for name, images in splits.items():
-        out = np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=np.float32, shape=(len(images), *shape))
-        start = 0
-        for x in tqdm(batches(images, None, batch_size), desc=f"frozen layers: {name}", unit="batch", leave=False, disable=not progress):
-            interrupt.check()  # Ctrl-C / SIGTERM: stop between batches here too (this pass can take minutes)
-            y = step(x).numpy()
-            out[start : start + len(y)] = y
-            start += len(y)
-        out.flush()
-        features[name] = out
-    return features
-
-
-@contextmanager
-def frozen_features(split: FrozenSplit, data: DataSplits, batch_size: int, folder: Path, progress: bool) -> Iterator[dict[str, np.ndarray] | None]:
-    """The frozen part's output for every train and val image, computed once; None if the disk cannot hold it.
-
-    Float32, as the layers compute it, so training on it gives what training through the frozen
-    layers gives (up to float rounding). Pooled vectors are small (2,048 floats per image for
-    ResNet50); a cut inside the base holds feature maps (ResNet50 at freeze_depth=140, 227 px:
-    15x15x1024 floats, 0.9 MB per image), so the cache lives in files under the run's output
-    folder, read through the page cache, and is deleted when the phase ends.
-    """
-    shape = tuple(split.frozen.outputs[0].shape[1:])
-    size = (len(data.train) + len(data.val)) * math.prod(shape) * 4
-    folder.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(folder).free
-    if size > free - 2**30:
-        log.warning(
-            "frozen features: %.1f GB of cached activations at %s would not fit in the %.1f GB free on %s; "
-            "training through the frozen layers every epoch instead", size / 1e9, split.cut, free / 1e9, folder,
-        )
-        yield None
-        return
-    start = time.perf_counter()
-    try:
-        features = extract_features(split.frozen, {"train": data.train.images, "val": data.val.images}, batch_size, folder, progress)
-        log.info(
-            "frozen features: the layers up to %s computed once for %d images in %.1f s (%s floats per image, %.2f GB in %s)",
-            split.cut, len(data.train) + len(data.val), time.perf_counter() - start, "x".join(map(str, shape)), size / 1e9, folder,
-        )
-        yield features
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 @dataclass
 class KerasModel:
-    """A trained Keras classifier with what evaluation and MLflow need."""
+    """A trained Keras classifier with what evaluation and MLflow need.
+
+    With ``split`` and ``store`` (the last phase trained on stored frozen features), the
+    frozen part's output for the images to predict comes from the store too (computed once,
+    then read by every later run on the same images and frozen layers); the trainable part
+    runs on it: the same probabilities as the whole model, up to float rounding.
+    """
 
     model: keras.Model
     batch_size: int
+    split: FrozenSplit | None = None
+    store: FeatureStore | None = None
 
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
         """Class probabilities of raw pixels (N, H, W, 3), uint8 or float, values 0..255."""
-        return self.model.predict(batches(images, None, self.batch_size), verbose=0)
+        features = self.store.features(self.split.frozen, images, "predict") if self.split and self.store else None
+        if features is None:
+            return self.model.predict(batches(images, None, self.batch_size), verbose=0)
+        return self.split.trainable.predict(feature_batches(features, None, batch_rows(len(images), self.batch_size)), verbose=0)
 
     def log_model(self, tracker: Tracker, example: np.ndarray) -> str:
         """Log with mlflow.tensorflow, which saves the Keras model in its .keras format.
@@ -179,7 +135,7 @@ class KerasModel:
             "tensorflow",
             self.model,
             example.astype(np.float32),
-            self.predict_proba,
+            lambda x: self.model.predict(x, verbose=0),  # the logged model itself, as pyfunc will run it
             requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}", "numpy"],
         )
 
@@ -289,6 +245,13 @@ def set_threads(num_threads: int | None) -> None:
         log.warning("TensorFlow is already running in this process: trainer.num_threads=%s takes effect in a new one", num_threads)
 
 
+def stored_features(store: FeatureStore, split: FrozenSplit, data: DataSplits) -> tuple[np.ndarray, np.ndarray] | None:
+    """The frozen part's output for the train and val images (see runner.frozen_features); None if the disk cannot hold it."""
+    train = store.features(split.frozen, data.train.images, "train")
+    val = store.features(split.frozen, data.val.images, "val") if train is not None else None
+    return None if val is None else (train, val)
+
+
 def fit(run: RunConfig, data: DataSplits, tracker: Tracker, resume_from: Path | None = None) -> KerasModel:
     """Train the new head (and unfrozen base layers) in one or two phases, with metrics and a checkpoint per epoch.
 
@@ -315,11 +278,22 @@ def fit(run: RunConfig, data: DataSplits, tracker: Tracker, resume_from: Path | 
     train_images = batches(data.train.images, data.train.labels, batch_size, rows=train_rows)
     val_images = batches(data.val.images, data.val.labels, batch_size, rows=val_rows)
     checkpoint = tracker.output_dir / "checkpoints" / "last.keras"
+    store = None
+    if run.trainer.cache_frozen_features:
+        store = FeatureStore(Path(run.trainer.feature_cache_dir), run.trainer.feature_cache_gb, batch_size, run.trainer.progress)
     epochs_done = 0
     for number, phase in enumerate(phases, start=1):
         freeze(base, phase.freeze_depth)
         compile_model(model, run.optimizer, phase.lr)
-        split = split_frozen(model, base) if run.trainer.cache_frozen_features else None
+        split = split_frozen(model, base) if store else None
+        features = stored_features(store, split, data) if split else None
+        if features is None:  # through the whole model, every epoch
+            split, fitted, train, val = None, model, train_images, val_images
+        else:  # the layers after the cut, on the stored output of those before it
+            fitted = split.trainable
+            fitted.compile(optimizer=model.optimizer, loss=model.loss, metrics=["accuracy"])  # the classifier's own optimizer
+            train = feature_batches(features[0], data.train.labels, train_rows)
+            val = feature_batches(features[1], data.val.labels, val_rows)
         trainable, frozen = parameter_count(model.trainable_weights), parameter_count(model.non_trainable_weights)
         tracker.log_params(
             {
@@ -332,26 +306,18 @@ def fit(run: RunConfig, data: DataSplits, tracker: Tracker, resume_from: Path | 
         )
         log.info(
             "phase %d/%d %s: the first %d of %d base layers and all BatchNormalization layers frozen, "
-            "%d trainable and %d frozen parameters, lr=%g, %d epoch(s)",
+            "%d trainable and %d frozen parameters, lr=%g, %d epoch(s)%s",
             number, len(phases), phase.name, phase.freeze_depth, len(base.layers), trainable, frozen, phase.lr, phase.epochs,
+            f", on the stored output of the layers up to {split.cut}" if split else "",
         )
-        cache = frozen_features(split, data, batch_size, tracker.output_dir / "frozen_features", run.trainer.progress) if split else nullcontext()
-        with cache as features:
-            if features is None:  # through the whole model, every epoch
-                fitted, train, val = model, train_images, val_images
-            else:  # the layers after the cut, on the cached output of those before it
-                fitted = split.trainable
-                fitted.compile(optimizer=model.optimizer, loss=model.loss, metrics=["accuracy"])  # the classifier's own optimizer
-                train = feature_batches(features["train"], data.train.labels, train_rows)
-                val = feature_batches(features["val"], data.val.labels, val_rows)
-            fitted.fit(
-                train,
-                validation_data=val,
-                initial_epoch=epochs_done,
-                epochs=epochs_done + phase.epochs,
-                callbacks=[EpochTracker(tracker, phase, checkpoint, model)],
-                shuffle=False,  # the dataset shuffles itself
-                verbose=1 if run.trainer.progress else 0,
-            )
+        fitted.fit(
+            train,
+            validation_data=val,
+            initial_epoch=epochs_done,
+            epochs=epochs_done + phase.epochs,
+            callbacks=[EpochTracker(tracker, phase, checkpoint, model)],
+            shuffle=False,  # the dataset shuffles itself
+            verbose=1 if run.trainer.progress else 0,
+        )
         epochs_done += phase.epochs
-    return KerasModel(model, batch_size)
+    return KerasModel(model, batch_size, split, store)

@@ -51,7 +51,8 @@ class TorchModel:
     def log_model(self, tracker: Tracker, example: np.ndarray) -> str:
         """Log with mlflow.pytorch: the module plus a softmax, so pyfunc predicts class probabilities.
 
-        MLflow exports it as a torch.export program (pt2), so loading needs no project code.
+        MLflow exports it as a torch.export program (pt2), so loading needs no project code;
+        the export traces the model on the input example, which MLflow then need not validate.
         """
         probabilities = nn.Sequential(self.module, nn.Softmax(dim=1)).cpu().eval()
         example = example.astype(np.float32)
@@ -66,6 +67,8 @@ class TorchModel:
             example,
             predict,
             requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
+            input_example=example,
+            validate_serving_input=False,
         )
 
 

@@ -1,7 +1,8 @@
-"""Frozen features: training on the cached output of the frozen layers equals training through them.
+"""Frozen features: training on the stored output of the frozen layers equals training through them.
 
 Tiny ResNet50 runs (random init, 32 px, a few dozen images) with ``trainer.cache_frozen_features``
-on and off, from the same seed: the same predictions and epoch metrics within float tolerance.
+on and off, from the same seed: the same predictions and epoch metrics within float tolerance;
+a second run reads every output from the store. The store's keys and eviction on a tiny model.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ import pytest
 
 from runner import keras_trainer  # noqa: I001  (first: it puts Keras on TensorFlow before keras is imported)
 import keras
+
+from runner import frozen_features
+from runner.frozen_features import FeatureStore
 
 import datasets
 from models.keras_backbones import build, freeze, frozen_layer_count, split_frozen
@@ -44,7 +48,9 @@ class RecordingTracker:
 
 def train(make_cfg, folder: Path, cache: bool, *overrides: str):
     """One Keras fit as the runner does it; the test images' probabilities, the tracker and the trained model."""
-    run_cfg = to_run_config(make_cfg("model=resnet50", "model.weights=null", f"trainer.cache_frozen_features={cache}", *overrides))
+    run_cfg = to_run_config(
+        make_cfg("model=resnet50", "model.weights=null", f"trainer.cache_frozen_features={cache}", f"trainer.feature_cache_dir={folder.parent / 'store'}", *overrides)
+    )
     seed_everything(run_cfg.seed)
     data = datasets.load(run_cfg.dataset, run_cfg.seed, progress=False)
     tracker = RecordingTracker(folder)
@@ -90,7 +96,57 @@ def test_training_on_cached_frozen_features_equals_training_through_the_frozen_l
     assert checkpoint.name == "resnet50_classifier" and int(checkpoint.optimizer.iterations) > 0
     for saved, trained in zip(checkpoint.weights, cached_model.weights):
         np.testing.assert_array_equal(saved.numpy(), trained.numpy())
-    assert not (tmp_path / "cached" / "frozen_features").exists()
+
+    # The store kept, per frozen part, the train and val outputs, and the last phase's the test images'.
+    store = tmp_path / "store"
+    assert sorted(len(list(folder.glob("*.npy"))) for folder in store.iterdir()) == [2, 3]
+    assert not list(store.glob("*/*.partial.npy"))
+
+    # Run again: every frozen output is read from the store, none computed, and the results are the same.
+    computed: list[str] = []
+    monkeypatch.setattr(frozen_features, "compute", lambda *args: computed.append(args[4]))
+    again, again_tracker, _ = train(make_cfg, tmp_path / "again", True, *overrides)
+    assert computed == []
+    np.testing.assert_array_equal(again, cached)
+    assert [{k: v for k, v in h.items() if k != "phase"} for h in again_tracker.history] == cached_tracker.history  # phases popped above
+
+
+def tiny_model(seed: int) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((4, 4, 3))
+    return keras.Model(inputs, keras.layers.Dense(5)(keras.layers.Flatten()(inputs)))
+
+
+def test_the_store_keys_entries_by_weights_and_pixels_and_evicts_the_least_recently_used(tmp_path, caplog):
+    images = np.random.default_rng(0).integers(0, 256, (10, 4, 4, 3), dtype=np.uint8)
+    first, second = tiny_model(0), tiny_model(1)
+    assert frozen_features.layers_key(first) == frozen_features.layers_key(tiny_model(0))  # names aside, the same layers
+    assert frozen_features.layers_key(first) != frozen_features.layers_key(second)
+
+    entry_bytes = 10 * 5 * 4 + 128  # float32 rows and the .npy header
+    store = FeatureStore(tmp_path, max_gb=2.5 * entry_bytes / 1e9, batch_size=4, progress=False)
+    out = store.features(first, images, "a")
+    np.testing.assert_allclose(out, first.predict(images.astype(np.float32), verbose=0), rtol=1e-6)
+    assert store.features(first, images.copy(), "a again") is not None and len(list(tmp_path.glob("*/*.npy"))) == 1
+    store.features(first, images[::-1].copy(), "b")  # other pixels: a new entry
+    assert len(list(tmp_path.glob("*/*.npy"))) == 2
+
+    # A later run (a new store object) with other weights: over the limit, the oldest entry goes.
+    later = FeatureStore(tmp_path, max_gb=2.5 * entry_bytes / 1e9, batch_size=4, progress=False)
+    oldest = min(tmp_path.glob("*/*.npy"), key=lambda p: p.stat().st_mtime)
+    with caplog.at_level("INFO"):
+        later.features(second, images, "c")
+    assert not oldest.exists() and len(list(tmp_path.glob("*/*.npy"))) == 2
+    assert "least recently used" in caplog.text
+
+
+def test_a_store_without_room_on_disk_falls_back_to_the_layers(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(frozen_features, "DISK_RESERVE", 2**62)
+    store = FeatureStore(tmp_path, max_gb=1, batch_size=4, progress=False)
+    with caplog.at_level("WARNING"):
+        assert store.features(tiny_model(0), np.zeros((3, 4, 4, 3), np.uint8), "train") is None
+    assert "would not fit" in caplog.text and "trainer.feature_cache_dir" in caplog.text
+    assert not list(tmp_path.glob("*/*.npy"))
 
 
 @pytest.fixture(scope="module")

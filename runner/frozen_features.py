@@ -1,0 +1,163 @@
+"""A store of what frozen layers compute, so they run once per image across runs, not per epoch.
+
+Frozen layers compute the same thing for an image in every epoch, and in every run that has
+the same frozen layers; runner.keras_trainer trains the rest of the model on their stored
+output. An entry is keyed by exactly what determines it: the frozen layers (each layer's
+configuration and every weight) and the pixels. So another job of a learning-rate sweep, a
+rerun with more epochs or the test split's predictions read an entry instead of running the
+layers again, and a change of weights, cut, image size, data or split makes a new entry,
+never a stale read.
+
+Layout: ``<trainer.feature_cache_dir>/<layers key>/<pixels key>.npy``, float32 as the layers
+compute it, memory-mapped when read. Before an entry is written, the least recently used
+entries of other runs are deleted to keep the folder under ``trainer.feature_cache_gb``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+from filelock import FileLock
+from tqdm import tqdm
+
+from runner import interrupt
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1  # part of every key: bump it when what an entry holds changes (e.g. how BatchNormalization is folded)
+DISK_RESERVE = 2**30  # bytes left free on the disk when an entry is written
+
+
+def leaf_layers(model: keras.Model) -> list[keras.Layer]:
+    """The layers of ``model`` with nested models opened up, in order."""
+    return [leaf for layer in model.layers for leaf in (leaf_layers(layer) if isinstance(layer, keras.Model) else [layer])]
+
+
+def layers_key(frozen: keras.Model) -> str:
+    """A digest of the layers' settings and weights, the input and output shapes and the library versions.
+
+    Names are left out: Keras numbers them per process, so the same layers built twice differ only there.
+    """
+    digest = hashlib.blake2b(digest_size=12)
+    digest.update(f"{FORMAT} keras {keras.__version__} tensorflow {tf.__version__}".encode())
+    digest.update(f"{frozen.inputs[0].shape} -> {frozen.outputs[0].shape}".encode())
+    for layer in leaf_layers(frozen):
+        config = {k: v for k, v in layer.get_config().items() if k != "name"}
+        digest.update(type(layer).__name__.encode() + json.dumps(config, sort_keys=True, default=str).encode())
+    for weight in frozen.weights:
+        digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight)).data)
+    return digest.hexdigest()
+
+
+def pixels_key(images: np.ndarray) -> str:
+    """A digest of the images' shape, type and every pixel (about 0.3 s for 2,000 images at 227 px)."""
+    digest = hashlib.blake2b(digest_size=12)
+    digest.update(f"{images.shape} {images.dtype}".encode())
+    digest.update(np.ascontiguousarray(images).data)
+    return digest.hexdigest()
+
+
+def inference_step(frozen: keras.Model) -> tf.types.experimental.PolymorphicFunction:
+    """``frozen`` in inference mode as one traced function for float32 batches of any size."""
+    return tf.function(lambda x: frozen(x, training=False), input_signature=[tf.TensorSpec(frozen.inputs[0].shape, tf.float32)])
+
+
+def compute(step: tf.types.experimental.PolymorphicFunction, images: np.ndarray, out: np.ndarray, batch_size: int, desc: str, progress: bool) -> None:
+    """``step`` (see :func:`inference_step`) over ``images`` (uint8 or float, 0..255) into ``out``, batch by batch."""
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False, disable=not progress):
+        interrupt.check()  # Ctrl-C / SIGTERM: stop between batches (this pass can take minutes)
+        out[start : start + batch_size] = step(images[start : start + batch_size].astype(np.float32)).numpy()
+
+
+class FeatureStore:
+    """Frozen-layer outputs on disk under ``root``, at most ``max_gb`` gigabytes of them kept between runs."""
+
+    def __init__(self, root: Path, max_gb: float, batch_size: int, progress: bool) -> None:
+        self.root, self.max_bytes = Path(root), int(max_gb * 1e9)
+        self.batch_size, self.progress = batch_size, progress
+        self.in_use: set[Path] = set()  # entries this run reads: never evicted by it
+        self.keys: dict[int, tuple[str, tf.types.experimental.PolymorphicFunction]] = {}  # id(frozen model) -> layers key, step
+
+    def features(self, frozen: keras.Model, images: np.ndarray, name: str) -> np.ndarray | None:
+        """What ``frozen`` computes for each image, read from the store or computed and stored now.
+
+        None when the disk cannot hold it: the caller then runs the layers as part of the model.
+        """
+        if id(frozen) not in self.keys:  # once per model: hashing the weights takes a moment, tracing too
+            self.keys[id(frozen)] = layers_key(frozen), inference_step(frozen)
+        key, step = self.keys[id(frozen)]
+        path = self.root / key / f"{pixels_key(images)}.npy"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shape = (len(images), *frozen.outputs[0].shape[1:])
+        with FileLock(f"{path}.lock"):  # parallel sweep jobs compute an entry once
+            if path.exists():
+                os.utime(path)  # recently used: evicted last
+                log.info("frozen features: %s (%d images) read from %s", name, len(images), path)
+            elif not self._write(step, images, path, shape, name):
+                return None
+        self.in_use.add(path)
+        return np.load(path, mmap_mode="r")
+
+    def _write(self, step: tf.types.experimental.PolymorphicFunction, images: np.ndarray, path: Path, shape: tuple[int, ...], name: str) -> bool:
+        size = math.prod(shape) * 4
+        self._make_room(size)
+        free = shutil.disk_usage(self.root).free
+        if size > free - DISK_RESERVE:
+            log.warning(
+                "frozen features: %.1f GB for the %s images would not fit in the %.1f GB free on %s; "
+                "training through the frozen layers every epoch instead (or free space, or set trainer.feature_cache_dir)",
+                size / 1e9, name, free / 1e9, self.root,
+            )
+            return False
+        start = time.perf_counter()
+        partial = path.with_name(f"{path.stem}.partial.npy")  # a killed run leaves no entry that looks whole
+        out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=shape)
+        try:
+            compute(step, images, out, self.batch_size, f"frozen layers: {name}", self.progress)
+            out.flush()
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        finally:
+            del out
+        os.replace(partial, path)
+        log.info(
+            "frozen features: %s, %d images through the frozen layers in %.1f s (%s floats each, %.2f GB in %s)",
+            name, len(images), time.perf_counter() - start, "x".join(map(str, shape[1:])), size / 1e9, path,
+        )
+        return True
+
+    def _make_room(self, size: int) -> None:
+        """Delete the least recently used entries not in use here until ``size`` more bytes fit under the limit."""
+        entries = {}  # path -> (last use, bytes); a parallel job may delete one while we look
+        for entry in self.root.glob("*/*.npy"):
+            with contextlib.suppress(FileNotFoundError):
+                stat = entry.stat()
+                entries[entry] = (stat.st_mtime, stat.st_size)
+        total = sum(size for _, size in entries.values())
+        removed = 0
+        for entry, (_, bytes_) in sorted(entries.items(), key=lambda item: item[1][0]):
+            if total + size <= self.max_bytes:
+                break
+            if entry in self.in_use or entry.name.endswith(".partial.npy"):
+                continue
+            entry.unlink(missing_ok=True)  # a run still reading it keeps its memory mapping
+            total, removed = total - bytes_, removed + bytes_
+        if removed:
+            log.info("frozen features: removed %.2f GB of least recently used entries (trainer.feature_cache_gb=%g)", removed / 1e9, self.max_bytes / 1e9)
+        if total + size > self.max_bytes:
+            log.info(
+                "frozen features: this run's entries take %.2f GB, over trainer.feature_cache_gb=%g until a later run evicts them",
+                (total + size) / 1e9, self.max_bytes / 1e9,
+            )
