@@ -44,7 +44,7 @@ def measure(args: argparse.Namespace, freeze_depth: int | None) -> tuple[int, fl
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (args.images, size, size, 3), dtype=np.uint8)
     labels = rng.integers(0, 2, args.images)
-    train = keras_trainer.batches(pixels, labels, args.batch_size, shuffle_seed=0)
+    train = keras_trainer.batches(pixels, labels, keras_trainer.batch_rows(len(pixels), args.batch_size, shuffle_seed=0))
     trained = keras_trainer.KerasModel(model, args.batch_size)
     training = images_per_second(lambda: model.fit(train, epochs=1, shuffle=False, verbose=0), args.images, args.repeats)
     evaluation = images_per_second(lambda: trained.predict_proba(pixels), args.images, args.repeats)

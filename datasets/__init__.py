@@ -71,24 +71,34 @@ def load(cfg, seed: int, progress: bool = True) -> DataSplits:
     images = limit_per_class(scan(resolve_root(cfg)), cfg.limit, seed)
     log.info("data: %d images in %d classes %s under %s", len(images.paths), len(images.classes), images.classes, images.root)
     key = fingerprint(images)
+    # Split first (assuming every file decodes) and decode in split order: the splits are then
+    # consecutive slices of one array, with no copy of the pixels.
+    idx = stratified_split(images.labels, cfg.val_fraction, cfg.test_fraction, seed)
+    order = np.concatenate([idx.train, idx.val, idx.test])
     if cfg.decode_cache:
-        pixels, decoded, skipped = load_decoded(images, cfg.image_size, Path(cfg.cache_dir).expanduser(), key, cfg.decode_workers, progress)
+        pixels, ok, skipped = load_decoded(images, cfg.image_size, Path(cfg.cache_dir).expanduser(), key, cfg.decode_workers, progress, order)
     else:
-        pixels, decoded, skipped = decode_images(images.paths, cfg.image_size, cfg.decode_workers, progress)
+        pixels, ok, skipped = decode_images([images.paths[i] for i in order], cfg.image_size, cfg.decode_workers, progress)
     if skipped:
         log.warning("skipped %d unreadable image(s) of %d", len(skipped), len(images.paths))
-    labels = images.labels[decoded]
-    paths = [images.paths[i] for i in decoded]
-    idx = stratified_split(labels, cfg.val_fraction, cfg.test_fraction, seed)
+    files = order[ok]
+    if len(ok) < len(order):  # split the images that decoded (a copy of the pixels, in this rare case)
+        by_file = np.argsort(files)
+        files, pixels = files[by_file], pixels[by_file]
+        idx = stratified_split(images.labels[files], cfg.val_fraction, cfg.test_fraction, seed)
+        order = np.concatenate([idx.train, idx.val, idx.test])
+        files, pixels = files[order], pixels[order]
+    bounds = np.cumsum([0, len(idx.train), len(idx.val), len(idx.test)])
 
-    def take(rows: np.ndarray) -> Split:
-        return Split(pixels[rows], labels[rows], [paths[i] for i in rows])
+    def take(part: int) -> Split:
+        rows = slice(bounds[part], bounds[part + 1])
+        return Split(pixels[rows], images.labels[files[rows]], [images.paths[i] for i in files[rows]])
 
     return DataSplits(
         classes=images.classes,
-        train=take(idx.train),
-        val=take(idx.val),
-        test=take(idx.test),
+        train=take(0),
+        val=take(1),
+        test=take(2),
         fingerprint=key,
         root=images.root,
         skipped=skipped,

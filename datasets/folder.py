@@ -91,18 +91,15 @@ def decode_image(path: Path, size: int) -> np.ndarray | str:
         return f"{type(err).__name__}: {err}"
 
 
-def decode_images(
-    paths: list[Path], size: int, workers: int | None = None, progress: bool = True, out: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def decode_images(paths: list[Path], size: int, workers: int | None = None, progress: bool = True) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Decode ``paths`` in parallel threads (PIL releases the GIL while decoding).
 
-    Returns the images (N, size, size, 3) uint8, the indices of ``paths`` that decoded, and
-    one warning line per skipped file, each naming it. ``out`` (e.g. a memory-mapped
-    array of len(paths) rows) receives the images, packed from row 0, instead of new memory.
+    Returns the images (N, size, size, 3) uint8 in the order of ``paths`` (packed: skipped
+    files leave no row), the indices of ``paths`` that decoded, and one warning line per
+    skipped file, each naming it.
     """
     workers = workers or os.cpu_count() or 1
-    if out is None:
-        out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     ok: list[int] = []
     skipped: list[str] = []
     with ThreadPoolExecutor(max_workers=workers) as pool:

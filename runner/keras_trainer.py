@@ -55,48 +55,40 @@ def batch_rows(count: int, batch_size: int, shuffle_seed: int | None = None) -> 
     return rows.batch(batch_size)
 
 
-def batches(
-    images: np.ndarray, labels: np.ndarray | None, batch_size: int, shuffle_seed: int | None = None, rows: tf.data.Dataset | None = None
-) -> tf.data.Dataset:
-    """Float32 batches (with labels, if given) of the shared uint8 images, cast per batch and prefetched.
+IN_MEMORY = 512 * 2**20  # arrays up to this size become one TensorFlow tensor; larger ones are read per batch
 
-    What is shuffled is the order of the rows, so the shuffle buffer holds indices, not images.
-    ``rows`` (from :func:`batch_rows`) replaces ``batch_size`` and ``shuffle_seed``: datasets
-    made from the same ``rows`` share one sequence of epoch orders.
+
+def batches(array: np.ndarray, labels: np.ndarray | None, rows: tf.data.Dataset) -> tf.data.Dataset:
+    """Float32 batches (with labels, if given) of the rows of ``array`` in the order of ``rows``, prefetched.
+
+    ``array``: uint8 images (cast per batch) or stored float32 features. What is shuffled is the
+    order of the rows (:func:`batch_rows`), so the shuffle buffer holds indices, not images, and
+    datasets made from the same ``rows`` share one sequence of epoch orders. Arrays up to
+    ``IN_MEMORY`` bytes become one tensor; larger ones (the 40,000-image set, a frozen prefix's
+    feature maps) are gathered batch by batch from NumPy, memory-mapped files included, with no
+    copy of the whole array.
     """
-    pixels = tf.convert_to_tensor(images)
     targets = None if labels is None else tf.convert_to_tensor(labels)
+    if array.nbytes <= IN_MEMORY:
+        source = tf.convert_to_tensor(np.asarray(array))
 
+        def gather(rows: tf.Tensor) -> tf.Tensor:
+            return tf.gather(source, rows)
+
+    else:
+        shape = (None, *array.shape[1:])
+
+        def read(rows: np.ndarray) -> np.ndarray:
+            return array[rows]
+
+        def gather(rows: tf.Tensor) -> tf.Tensor:
+            x = tf.numpy_function(read, [rows], tf.as_dtype(array.dtype), stateful=False)
+            x.set_shape(shape)
+            return x
+
+    @tf.autograph.experimental.do_not_convert  # plain tensor code; AutoGraph only warns about the closures
     def take(rows: tf.Tensor) -> tf.Tensor | tuple[tf.Tensor, tf.Tensor]:
-        x = tf.cast(tf.gather(pixels, rows), tf.float32)
-        return x if targets is None else (x, tf.gather(targets, rows))
-
-    rows = rows if rows is not None else batch_rows(len(images), batch_size, shuffle_seed)
-    return rows.map(take, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
-
-
-IN_MEMORY_FEATURES = 512 * 2**20  # cached features up to this size are read into memory, larger ones per batch from the file
-
-
-def feature_batches(features: np.ndarray, labels: np.ndarray | None, rows: tf.data.Dataset) -> tf.data.Dataset:
-    """Batches of stored float32 features (with labels, if given) in the order of ``rows`` (see :func:`batches`).
-
-    Small ones (pooled vectors) become one in-memory tensor; large ones (a frozen prefix's
-    feature maps, gigabytes for a few thousand images) are read from their memory-mapped file
-    batch by batch, so features larger than memory work too.
-    """
-    if features.nbytes <= IN_MEMORY_FEATURES:
-        return batches(np.asarray(features), labels, 0, rows=rows)
-    targets = None if labels is None else tf.convert_to_tensor(labels)
-    shape = (None, *features.shape[1:])
-
-    def read(rows: np.ndarray) -> np.ndarray:
-        return features[rows]
-
-    @tf.autograph.experimental.do_not_convert  # plain tensor code; AutoGraph only warns about the closure
-    def take(rows: tf.Tensor) -> tf.Tensor | tuple[tf.Tensor, tf.Tensor]:
-        x = tf.numpy_function(read, [rows], tf.float32, stateful=False)
-        x.set_shape(shape)
+        x = tf.cast(gather(rows), tf.float32)
         return x if targets is None else (x, tf.gather(targets, rows))
 
     return rows.map(take, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
@@ -120,9 +112,8 @@ class KerasModel:
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
         """Class probabilities of raw pixels (N, H, W, 3), uint8 or float, values 0..255."""
         features = self.store.features(self.split.frozen, images, "predict") if self.split and self.store else None
-        if features is None:
-            return self.model.predict(batches(images, None, self.batch_size), verbose=0)
-        return self.split.trainable.predict(feature_batches(features, None, batch_rows(len(images), self.batch_size)), verbose=0)
+        model, inputs = (self.model, images) if features is None else (self.split.trainable, features)
+        return model.predict(batches(inputs, None, batch_rows(len(images), self.batch_size)), verbose=0)
 
     def log_model(self, tracker: Tracker, example: np.ndarray) -> str:
         """Log with mlflow.tensorflow, which saves the Keras model in its .keras format.
@@ -275,8 +266,6 @@ def fit(run: RunConfig, data: DataSplits, tracker: Tracker, resume_from: Path | 
     batch_size = run.trainer.batch_size
     # One sequence of epoch orders for the whole run, whether a phase reads images or cached features.
     train_rows, val_rows = batch_rows(len(data.train), batch_size, run.seed), batch_rows(len(data.val), batch_size)
-    train_images = batches(data.train.images, data.train.labels, batch_size, rows=train_rows)
-    val_images = batches(data.val.images, data.val.labels, batch_size, rows=val_rows)
     checkpoint = tracker.output_dir / "checkpoints" / "last.keras"
     store = None
     if run.trainer.cache_frozen_features:
@@ -288,12 +277,14 @@ def fit(run: RunConfig, data: DataSplits, tracker: Tracker, resume_from: Path | 
         split = split_frozen(model, base) if store else None
         features = stored_features(store, split, data) if split else None
         if features is None:  # through the whole model, every epoch
-            split, fitted, train, val = None, model, train_images, val_images
+            split, fitted = None, model
+            train = batches(data.train.images, data.train.labels, train_rows)
+            val = batches(data.val.images, data.val.labels, val_rows)
         else:  # the layers after the cut, on the stored output of those before it
             fitted = split.trainable
             fitted.compile(optimizer=model.optimizer, loss=model.loss, metrics=["accuracy"])  # the classifier's own optimizer
-            train = feature_batches(features[0], data.train.labels, train_rows)
-            val = feature_batches(features[1], data.val.labels, val_rows)
+            train = batches(features[0], data.train.labels, train_rows)
+            val = batches(features[1], data.val.labels, val_rows)
         trainable, frozen = parameter_count(model.trainable_weights), parameter_count(model.non_trainable_weights)
         tracker.log_params(
             {

@@ -174,7 +174,7 @@ def test_decoded_cache_is_made_once_and_equals_a_fresh_decode(tmp_path, caplog):
     key = folder.fingerprint(images)
     pixels, ok, skipped = load_decoded(images, 16, tmp_path / "cache", key, workers=2, progress=False)
     fresh, fresh_ok, _ = folder.decode_images(images.paths, 16, progress=False)
-    assert isinstance(pixels, np.memmap) and pixels.shape == (8, 16, 16, 3)
+    assert pixels.shape == (8, 16, 16, 3)
     np.testing.assert_array_equal(pixels, fresh)
     np.testing.assert_array_equal(ok, fresh_ok)
     assert len(skipped) == 1 and "bad.jpg" in skipped[0]
@@ -199,3 +199,28 @@ def test_a_partial_decode_is_never_taken_for_the_cache(tmp_path):
     (partial / "pixels.npy").write_bytes(b"killed mid-write")
     pixels, _, _ = load_decoded(images, 16, tmp_path / "cache", key, workers=1, progress=False)
     assert pixels.shape == (6, 16, 16, 3) and not partial.exists()
+
+
+@pytest.mark.parametrize("unreadable", [False, True])
+def test_splits_equal_a_fresh_decode_with_or_without_the_cache(make_cfg, tmp_path, unreadable):
+    import datasets
+    from runner.config import to_run_config
+
+    root = write_tree(tmp_path / "tree", {"Negative": 10, "Positive": 10}, size=30)
+    if unreadable:
+        (root / "Positive" / "bad.jpg").write_bytes(b"garbage")
+    loaded = []
+    for cache in ("false", "true", "true"):  # no cache, then the run that writes it, then one that reads it
+        overrides = ["dataset=image_folder", f"dataset.path={root}", f"dataset.cache_dir={tmp_path / 'cache'}",
+                     f"dataset.decode_cache={cache}", "dataset.image_size=16"]
+        loaded.append(datasets.load(to_run_config(make_cfg(*overrides, tiny=False)).dataset, seed=3, progress=False))
+    for data in loaded:
+        splits = (data.train, data.val, data.test)
+        assert sum(len(split) for split in splits) == 20 and len(data.skipped) == unreadable
+        for split in splits:
+            fresh, _, _ = folder.decode_images(split.paths, 16, progress=False)
+            np.testing.assert_array_equal(split.images, fresh)
+            assert split.labels.tolist() == [data.classes.index(path.parent.name) for path in split.paths]
+        assert [split.paths for split in splits] == [split.paths for split in (loaded[0].train, loaded[0].val, loaded[0].test)]
+    if not unreadable:  # the splits are consecutive slices of one array: no copy of the pixels
+        assert all(split.images.base is loaded[1].train.images.base for split in (loaded[1].val, loaded[1].test))

@@ -65,7 +65,7 @@ def test_training_on_cached_frozen_features_equals_training_through_the_frozen_l
     # the cut is its output. Epoch orders continue across epochs and phases in both runs.
     overrides = ["optimizer.lr=0.01", "freeze_depth=140", "fine_tune_lr=0.001", "trainer.epochs=2", "trainer.fine_tune_epochs=1"]
     cuts = ["pool", "conv4_block6_out"]
-    monkeypatch.setattr(keras_trainer, "IN_MEMORY_FEATURES", 64 * 2**10)  # feature maps: read from the memmap per batch
+    monkeypatch.setattr(keras_trainer, "IN_MEMORY", 64 * 2**10)  # images and feature maps: read from NumPy per batch
     fitted: list[str] = []
     keras_fit = keras.Model.fit
 
