@@ -87,7 +87,8 @@ class FeatureStore:
         self.root, self.max_bytes = Path(root), int(max_gb * 1e9)
         self.batch_size, self.progress = batch_size, progress
         self.in_use: set[Path] = set()  # entries this run reads: never evicted by it
-        self.keys: dict[int, tuple[str, tf.types.experimental.PolymorphicFunction]] = {}  # id(frozen model) -> layers key, step
+        # id(frozen model) -> (the model, its layers key, its traced step); holding the model keeps its id unique
+        self.keys: dict[int, tuple[keras.Model, str, tf.types.experimental.PolymorphicFunction]] = {}
 
     def features(self, frozen: keras.Model, images: np.ndarray, name: str) -> np.ndarray | None:
         """What ``frozen`` computes for each image, read from the store or computed and stored now.
@@ -95,8 +96,8 @@ class FeatureStore:
         None when the disk cannot hold it: the caller then runs the layers as part of the model.
         """
         if id(frozen) not in self.keys:  # once per model: hashing the weights takes a moment, tracing too
-            self.keys[id(frozen)] = layers_key(frozen), inference_step(frozen)
-        key, step = self.keys[id(frozen)]
+            self.keys[id(frozen)] = frozen, layers_key(frozen), inference_step(frozen)
+        _, key, step = self.keys[id(frozen)]
         path = self.root / key / f"{pixels_key(images)}.npy"
         path.parent.mkdir(parents=True, exist_ok=True)
         shape = (len(images), *frozen.outputs[0].shape[1:])
