@@ -195,7 +195,7 @@ def main() -> None:
     val_files, val_labels = data.val.paths, data.val.labels.tolist()
     n, n_val = len(train_files), len(val_files)
     n_all = n + n_val + len(data.test)
-    print(f"ResNet50 (random weights), {n} training + {n_val} validation images (of {n + n_val + len(data.test)}) "
+    print(f"ResNet50 (random weights), {n} training + {n_val} validation images (of {n_all}) "
           f"at {args.size}x{args.size}, {args.epochs} epochs, batch {args.batch_size}, {os.cpu_count()} cores, "
           f"TensorFlow {keras_trainer.tf.__version__}", flush=True)
 

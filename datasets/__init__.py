@@ -84,10 +84,9 @@ def load(cfg, seed: int, progress: bool = True) -> DataSplits:
     files = order[ok]
     if len(ok) < len(order):  # split the images that decoded (a copy of the pixels, in this rare case)
         by_file = np.argsort(files)
-        files, pixels = files[by_file], pixels[by_file]
-        idx = stratified_split(images.labels[files], cfg.val_fraction, cfg.test_fraction, seed)
-        order = np.concatenate([idx.train, idx.val, idx.test])
-        files, pixels = files[order], pixels[order]
+        idx = stratified_split(images.labels[files[by_file]], cfg.val_fraction, cfg.test_fraction, seed)
+        rows = by_file[np.concatenate([idx.train, idx.val, idx.test])]
+        files, pixels = files[rows], pixels[rows]
     bounds = np.cumsum([0, len(idx.train), len(idx.val), len(idx.test)])
 
     def take(part: int) -> Split:

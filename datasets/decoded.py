@@ -45,12 +45,11 @@ def load_decoded(
     for note in meta["skipped"]:
         log.warning("skipped unreadable image %s", note)
     decoded = np.load(folder / "decoded.npy")  # the file's rows: these images, in file order
+    if not len(decoded):  # nothing decodable: no pixels to map
+        return np.empty((0, size, size, 3), np.uint8), np.empty(0, np.int64), meta["skipped"]
     row = np.searchsorted(decoded, order).clip(max=len(decoded) - 1)
-    ok = np.flatnonzero(decoded[row] == order) if len(decoded) else np.empty(0, np.int64)
-    if not len(ok):
-        return np.empty((0, size, size, 3), np.uint8), ok, meta["skipped"]
-    pixels = np.load(folder / "pixels.npy", mmap_mode="r")
-    return np.take(pixels, row[ok], axis=0), ok, meta["skipped"]
+    ok = np.flatnonzero(decoded[row] == order)
+    return np.take(np.load(folder / "pixels.npy", mmap_mode="r"), row[ok], axis=0), ok, meta["skipped"]
 
 
 def _decode_into(
@@ -75,6 +74,6 @@ def _decode_into(
         for image, row in zip(pixels, np.searchsorted(decoded, files)):
             os.pwrite(out.fileno(), image.data, offset + int(row) * row_bytes)
     np.save(tmp / "decoded.npy", decoded)
-    (tmp / MARKER).write_text(json.dumps({"count": len(decoded), "skipped": skipped}))
+    (tmp / MARKER).write_text(json.dumps({"skipped": skipped}))
     tmp.rename(folder)
     return pixels, ok, skipped

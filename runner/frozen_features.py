@@ -89,6 +89,8 @@ class FeatureStore:
         self.in_use: set[Path] = set()  # entries this run reads: never evicted by it
         # id(frozen model) -> (the model, its layers key, its traced step); holding the model keeps its id unique
         self.keys: dict[int, tuple[keras.Model, str, tf.types.experimental.PolymorphicFunction]] = {}
+        # id(images) -> (the array, its pixels key): a fine-tune run's second phase asks for the same splits
+        self.pixel_keys: dict[int, tuple[np.ndarray, str]] = {}
 
     def features(self, frozen: keras.Model, images: np.ndarray, name: str) -> np.ndarray | None:
         """What ``frozen`` computes for each image, read from the store or computed and stored now.
@@ -98,7 +100,9 @@ class FeatureStore:
         if id(frozen) not in self.keys:  # once per model: hashing the weights takes a moment, tracing too
             self.keys[id(frozen)] = frozen, layers_key(frozen), inference_step(frozen)
         _, key, step = self.keys[id(frozen)]
-        path = self.root / key / f"{pixels_key(images)}.npy"
+        if id(images) not in self.pixel_keys:
+            self.pixel_keys[id(images)] = images, pixels_key(images)
+        path = self.root / key / f"{self.pixel_keys[id(images)][1]}.npy"
         path.parent.mkdir(parents=True, exist_ok=True)
         shape = (len(images), *frozen.outputs[0].shape[1:])
         with FileLock(f"{path}.lock"):  # parallel sweep jobs compute an entry once
