@@ -19,7 +19,6 @@ epochs, checkpoints and MLflow, the test evaluation, the model export.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import math
 import os
@@ -27,8 +26,6 @@ import shutil
 import sys
 import tempfile
 import time
-from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -36,6 +33,7 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import plain_keras  # noqa: E402
+from stages import PROFILE_HEADERS, profile_rows, timed_run  # noqa: E402
 
 import datasets  # noqa: E402
 from runner import app, frozen_features, keras_trainer  # noqa: E402
@@ -45,8 +43,7 @@ from runner.tracking import Tracker  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
-# What the runner spends its time on: (object, attribute, label), each timed exclusive of the
-# others called inside it (a profile of stages: the labels' seconds add up to the run).
+# What the runner spends its time on (see stages.py).
 STAGES = [
     (app.datasets, "load", "data: decode (cold cache) + split"),
     (keras_trainer, "build", "model build"),
@@ -63,75 +60,29 @@ STAGES = [
 ]
 
 
-@contextlib.contextmanager
-def stage_timers() -> Iterator[dict[str, float]]:
-    """Patch each stage to add its own seconds (minus those of stages inside it) to the yielded dict.
-
-    Wall seconds under each label, CPU seconds of the process under ``cpu:<label>``.
-    """
-    times: dict[str, float] = defaultdict(float)
-    stack: list[str] = []
-    saved = []
-    for owner, name, label in STAGES:
-        original = getattr(owner, name)
-        saved.append((owner, name, original))
-
-        def timed(*args, _fn=original, _label=label, **kwargs):
-            start, cpu = time.perf_counter(), time.process_time()
-            stack.append(_label)
-            try:
-                return _fn(*args, **kwargs)
-            finally:
-                stack.pop()
-                seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
-                times[_label] += seconds
-                times[f"cpu:{_label}"] += cpu_seconds
-                if stack:
-                    times[stack[-1]] -= seconds
-                    times[f"cpu:{stack[-1]}"] -= cpu_seconds
-
-        setattr(owner, name, timed)
-    try:
-        yield times
-    finally:
-        for owner, name, original in saved:
-            setattr(owner, name, original)
-
-
 def compose_cfg(overrides: list[str]):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("config", overrides=overrides)
 
 
 def runner_times(overrides: list[str]) -> dict[str, float]:
-    """Seconds of each stage of one runner run, of its data + fit (the plain script's work) and of the whole run."""
+    """Seconds of each stage of one runner run, of its fit (inclusive: the plain script's work with the data) and of the whole run."""
     cfg = compose_cfg(overrides)
-    with stage_timers() as times:
-        fit = keras_trainer.fit
+    fit = keras_trainer.fit
+    times: dict[str, float] = {}
 
-        def whole_fit(*args, **kwargs):
-            start, cpu = time.perf_counter(), time.process_time()
-            try:
-                return fit(*args, **kwargs)
-            finally:
-                times["fit"], times["cpu:fit"] = time.perf_counter() - start, time.process_time() - cpu
-
-        keras_trainer.fit = whole_fit
+    def whole_fit(*args, **kwargs):
+        start, cpu = time.perf_counter(), time.process_time()
         try:
-            start, cpu = time.perf_counter(), time.process_time()
-            app.run(cfg)
-            times["whole run"], times["cpu:whole run"] = time.perf_counter() - start, time.process_time() - cpu
+            return fit(*args, **kwargs)
         finally:
-            keras_trainer.fit = fit
-    return dict(times)
+            times["fit"], times["cpu:fit"] = time.perf_counter() - start, time.process_time() - cpu
 
-
-def profile_rows(times: dict[str, float]) -> list[tuple[str, str, str]]:
-    whole, whole_cpu = times["whole run"], times["cpu:whole run"]
-    rows = [(label, times.get(label, 0.0), times.get(f"cpu:{label}", 0.0)) for _, _, label in STAGES]
-    rows.append(("other: run start/end, params, tags, summary", whole - sum(r[1] for r in rows), whole_cpu - sum(r[2] for r in rows)))
-    rows.append(("whole run", whole, whole_cpu))
-    return [(label, f"{seconds:.1f}", f"{100 * seconds / whole:.0f}%", f"{cpu:.1f}") for label, seconds, cpu in rows]
+    keras_trainer.fit = whole_fit
+    try:
+        return {**timed_run(STAGES, app.run, cfg), **times}
+    finally:
+        keras_trainer.fit = fit
 
 
 def frozen_gflop(size: int, freeze_depth: int | None) -> tuple[str, float]:
@@ -250,7 +201,7 @@ def main() -> None:
         print(note)
     for title, times in profiles:
         print(f"\nwhere the runner's time goes: {title}")
-        print(tabulate(profile_rows(times), headers=("stage", "seconds", "share", "CPU seconds")))
+        print(tabulate(profile_rows(STAGES, times), headers=PROFILE_HEADERS))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,24 +92,49 @@ def decode_image(path: Path, size: int) -> np.ndarray | str:
         return f"{type(err).__name__}: {err}"
 
 
-def decode_images(paths: list[Path], size: int, workers: int | None = None, progress: bool = True) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Decode ``paths`` in parallel threads (PIL releases the GIL while decoding).
+CHUNK = 16  # images per task of the decoding threads
 
-    Returns the images (N, size, size, 3) uint8 in the order of ``paths`` (packed: skipped
-    files leave no row), the indices of ``paths`` that decoded, and one warning line per
-    skipped file, each naming it.
+
+def decode_images(
+    paths: list[Path],
+    size: int,
+    workers: int | None = None,
+    progress: bool = True,
+    sink: Callable[[int, np.ndarray], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Decode ``paths`` in parallel threads (PIL releases the GIL while decoding), each into its own row.
+
+    ``sink(index, image)``, if given, is called in the decoding thread with each image that
+    decodes (the decode cache writes it to its file there, in parallel too). Returns the images
+    (N, size, size, 3) uint8 in the order of ``paths`` (packed: skipped files leave no row; a
+    copy, only when files were skipped), the indices of ``paths`` that decoded, and one warning
+    line per skipped file, each naming it.
     """
-    workers = workers or os.cpu_count() or 1
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
-    ok: list[int] = []
-    skipped: list[str] = []
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(decode_image, paths, [size] * len(paths), chunksize=16)
-        for i, result in enumerate(tqdm(results, total=len(paths), desc="decode", unit="img", disable=not progress)):
+    errors: dict[int, str] = {}
+
+    def decode_chunk(start: int) -> int:
+        stop = min(start + CHUNK, len(paths))
+        for i in range(start, stop):
+            result = decode_image(paths[i], size)
             if isinstance(result, str):
-                skipped.append(f"{paths[i]} ({result})")
-                log.warning("skipped unreadable image %s: %s", paths[i], result)
-            else:
-                out[len(ok)] = result
-                ok.append(i)
-    return out[: len(ok)], np.asarray(ok, dtype=np.int64), skipped
+                errors[i] = result
+                continue
+            out[i] = result
+            if sink is not None:
+                sink(i, out[i])
+        return stop - start
+
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool, tqdm(
+        total=len(paths), desc="decode", unit="img", disable=not progress
+    ) as bar:
+        for done in pool.map(decode_chunk, range(0, len(paths), CHUNK)):
+            bar.update(done)
+    skipped = []
+    for i in sorted(errors):
+        skipped.append(f"{paths[i]} ({errors[i]})")
+        log.warning("skipped unreadable image %s: %s", paths[i], errors[i])
+    if not errors:
+        return out, np.arange(len(paths)), skipped
+    ok = np.setdiff1d(np.arange(len(paths)), sorted(errors))
+    return out[ok], ok, skipped

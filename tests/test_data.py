@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import zipfile
 from pathlib import Path
@@ -199,6 +200,25 @@ def test_a_partial_decode_is_never_taken_for_the_cache(tmp_path):
     (partial / "pixels.npy").write_bytes(b"killed mid-write")
     pixels, _, _ = load_decoded(images, 16, tmp_path / "cache", key, workers=1, progress=False)
     assert pixels.shape == (6, 16, 16, 3) and not partial.exists()
+
+
+def test_a_cache_of_an_older_layout_is_decoded_anew(tmp_path, caplog):
+    from datasets.decoded import MARKER, load_decoded
+
+    root = write_tree(tmp_path / "tree", {"Negative": 3, "Positive": 3})
+    (root / "Negative" / "bad.jpg").write_bytes(b"garbage")  # row 0 in file order: the layouts differ
+    images = folder.scan(root)
+    key = folder.fingerprint(images)
+    load_decoded(images, 16, tmp_path / "cache", key, workers=1, progress=False)
+    marker = next((tmp_path / "cache" / "decoded").glob("*-16px")) / MARKER
+    marker.write_text(json.dumps({"skipped": []}))  # what the first layout (packed rows) wrote
+    with caplog.at_level(logging.INFO):
+        pixels, ok, skipped = load_decoded(images, 16, tmp_path / "cache", key, workers=1, progress=False)
+    assert "older layout" in caplog.text and len(skipped) == 1
+    fresh, fresh_ok, _ = folder.decode_images(images.paths, 16, progress=False)
+    np.testing.assert_array_equal(pixels, fresh)
+    np.testing.assert_array_equal(ok, fresh_ok)
+    assert json.loads(marker.read_text())["format"] > 1
 
 
 @pytest.mark.parametrize("unreadable", [False, True])

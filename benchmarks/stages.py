@@ -1,0 +1,72 @@
+"""Where a runner run's time goes: a profile of named stages, shared by the benchmarks.
+
+A stage is a function (an attribute of a module or class) and a label. While
+:func:`stage_timers` is active each stage is patched to add its own seconds to a dict,
+minus those of stages called inside it, so the labels' seconds add up to the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any
+
+Stage = tuple[Any, str, str]  # (owner, attribute, label)
+
+
+@contextlib.contextmanager
+def stage_timers(stages: list[Stage]) -> Iterator[dict[str, float]]:
+    """Patch each stage to add its exclusive seconds to the yielded dict.
+
+    Wall seconds under each label, CPU seconds of the process under ``cpu:<label>``.
+    """
+    times: dict[str, float] = defaultdict(float)
+    stack: list[str] = []
+    saved = []
+    for owner, name, label in stages:
+        original = getattr(owner, name)
+        saved.append((owner, name, original))
+
+        def timed(*args, _fn=original, _label=label, **kwargs):
+            start, cpu = time.perf_counter(), time.process_time()
+            stack.append(_label)
+            try:
+                return _fn(*args, **kwargs)
+            finally:
+                stack.pop()
+                seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
+                times[_label] += seconds
+                times[f"cpu:{_label}"] += cpu_seconds
+                if stack:
+                    times[stack[-1]] -= seconds
+                    times[f"cpu:{stack[-1]}"] -= cpu_seconds
+
+        setattr(owner, name, timed)
+    try:
+        yield times
+    finally:
+        for owner, name, original in reversed(saved):
+            setattr(owner, name, original)
+
+
+def timed_run(stages: list[Stage], run: Any, *args: Any) -> dict[str, float]:
+    """Seconds of each stage of ``run(*args)``, and of the whole under ``whole run``."""
+    with stage_timers(stages) as times:
+        start, cpu = time.perf_counter(), time.process_time()
+        run(*args)
+        times["whole run"], times["cpu:whole run"] = time.perf_counter() - start, time.process_time() - cpu
+    return dict(times)
+
+
+def profile_rows(stages: list[Stage], times: dict[str, float]) -> list[tuple[str, str, str, str]]:
+    """Table rows: each stage's seconds, share of the whole run and CPU seconds, then the rest and the whole."""
+    whole, whole_cpu = times["whole run"], times["cpu:whole run"]
+    rows = [(label, times.get(label, 0.0), times.get(f"cpu:{label}", 0.0)) for _, _, label in stages]
+    rows.append(("other: run start/end, params, tags, summary", whole - sum(r[1] for r in rows), whole_cpu - sum(r[2] for r in rows)))
+    rows.append(("whole run", whole, whole_cpu))
+    return [(label, f"{seconds:.2f}", f"{100 * seconds / whole:.0f}%", f"{cpu:.2f}") for label, seconds, cpu in rows]
+
+
+PROFILE_HEADERS = ("stage", "seconds", "share", "CPU seconds")
