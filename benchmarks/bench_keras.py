@@ -3,6 +3,7 @@
     python benchmarks/bench_keras.py                                  # 2,000 synthetic images at 227x227, 3 epochs
     python benchmarks/bench_keras.py --per-class 100 --size 64        # a quick look
     python benchmarks/bench_keras.py --uncached                       # also the runner with trainer.cache_frozen_features=false
+    python benchmarks/bench_keras.py --precision 32                   # the runner in float32 only
 
 For ResNet50 with the whole base frozen and with freeze_depth=140, both sides train on the
 same training split and validate on the same validation split each epoch, with the same
@@ -11,7 +12,9 @@ building included), epochs/s, training images/s and the speed-up. The runner sta
 cold decode cache each time (it decodes every image once, in parallel); the plain script
 (benchmarks/plain_keras.py) decodes every JPEG with PIL each epoch. The runner runs twice:
 its 1st run starts with an empty feature store and runs the frozen layers once per image; the
-next run (what a sweep's next job or a rerun gets) reads their output from the store. Then,
+next run (what a sweep's next job or a rerun gets) reads their output from the store. It
+does so for each ``--precision``: float32 (``32``, the plain script's) and ``bf16-mixed``
+(bfloat16 compute: frozen features of its own, so its 1st run computes them too). Then,
 per runner run, where its time went: decoding, model building, the frozen layers, the
 epochs, checkpoints and MLflow, the test evaluation, the model export.
 """
@@ -127,6 +130,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=100, help="the notebook's batch size")
     parser.add_argument("--size", type=int, default=227)
     parser.add_argument("--freeze-depth", nargs="+", default=["null", "140"], help="null = the whole base frozen")
+    parser.add_argument("--precision", nargs="+", default=["32", "bf16-mixed"], help="the runner's trainer.precision values to run")
     parser.add_argument("--uncached", action="store_true", help="also run the runner with trainer.cache_frozen_features=false")
     parser.add_argument("--workdir", type=Path, default=None, help="keep data and store here (default: a temp folder)")
     args = parser.parse_args()
@@ -161,11 +165,14 @@ def main() -> None:
               f"load {load()}", flush=True)
         sides = [("plain script (PIL per batch, model.fit)", plain, plain_cpu, None)]
         shutil.rmtree(work / "data" / "features", ignore_errors=True)  # the first runner run computes the frozen features
-        variants = [("runner, 1st run", "true"), ("runner, next run (feature store)", "true")]
-        variants += [("runner, cache_frozen_features=false", "false")] if args.uncached else []
-        for label, cache in variants:
+        variants = []
+        for precision in args.precision:  # each precision has frozen features of its own: its 1st run computes them
+            runner = "runner" if precision == "32" else f"runner {precision}"
+            variants += [(f"{runner}, 1st run", "true", precision), (f"{runner}, next run (feature store)", "true", precision)]
+            variants += [(f"{runner}, cache_frozen_features=false", "false", precision)] if args.uncached else []
+        for label, cache, precision in variants:
             shutil.rmtree(work / "data" / "decoded", ignore_errors=True)  # each runner run decodes anew
-            times = runner_times([*common, f"freeze_depth={text}", f"trainer.cache_frozen_features={cache}"])
+            times = runner_times([*common, f"freeze_depth={text}", f"trainer.cache_frozen_features={cache}", f"trainer.precision={precision}"])
             data_s = times["data: decode (cold cache) + split"]
             fit_s, cpu_s = times["fit"], times["cpu:data: decode (cold cache) + split"] + times["cpu:fit"]
             print(f"{name}: {label} {data_s + fit_s:.1f} s, {cpu_s:.1f} CPU s (data {data_s:.1f}), whole run {times['whole run']:.1f} s "
@@ -173,7 +180,7 @@ def main() -> None:
             sides += [(f"{label}: data + fit", data_s + fit_s, cpu_s, data_s),
                       (f"{label}: whole run incl. test + MLflow", times["whole run"], times["cpu:whole run"], data_s)]
             profiles.append((f"{name}, {label}", times))
-            if label == "runner, 1st run":
+            if label.endswith("1st run"):
                 cut, gflop = frozen_gflop(args.size, depth)
                 frozen_s = times.get("frozen layers, once per image (train, val, test)", 0.0)
                 extract = frozen_s * (n + n_val) / n_all  # the train and val part, in the fit
@@ -182,7 +189,7 @@ def main() -> None:
                 plain_epoch = sum(epoch_seconds[1:]) / max(1, len(epoch_seconds) - 1)  # the first one also traces
                 at10 = (plain - sum(epoch_seconds) + epoch_seconds[0] + 9 * plain_epoch) / (fixed + 10 * per_epoch)
                 notes.append(
-                    f"{name}: frozen part up to {cut}, {gflop:.2f} GFLOP per image, run once for {n_all} images in "
+                    f"{name}, {label}: frozen part up to {cut}, {gflop:.2f} GFLOP per image, run once for {n_all} images in "
                     f"{frozen_s:.1f} s = {n_all / max(frozen_s, 1e-9):.1f} images/s, {gflop * n_all / max(frozen_s, 1e-9):.0f} GFLOP/s; "
                     f"then {per_epoch:.1f} s per epoch (plain: {plain_epoch:.1f} s). Projected from these parts at "
                     f"trainer.epochs=10 (the runner's default): {at10:.1f}x"

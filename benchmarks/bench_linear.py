@@ -7,7 +7,8 @@ Both train the same model (nn.Linear over 227x227x3) with the same optimizer, ba
 epochs on the same training split. Reported per side: the whole run (all epochs, decoding
 included), epochs/s, training images/s and the ratio. The runner is measured twice: with a
 cold decode cache (it decodes every image once, in parallel) and warm (a later run or a
-sweep job, which maps the decoded pixels). Its MLflow bookkeeping (params, per-epoch
+sweep job, which maps the decoded pixels), and warm with ``trainer.precision=bf16-mixed``
+(bfloat16 batches and matrix products: other results, within bfloat16 rounding). Its MLflow bookkeeping (params, per-epoch
 checkpoints, plots, model export), which the plain script does not do, is in the whole run's
 row and in a profile of where each run's time went.
 """
@@ -86,9 +87,10 @@ def main() -> None:
     plain = sum(plain_linear.train(train_files, train_labels, args.size, args.epochs, args.batch_size, run_cfg.optimizer.lr))
     cold = runner_times(overrides)
     warm = runner_times(overrides)
+    mixed = runner_times([*overrides, "trainer.precision=bf16-mixed"])  # warm too
 
     rows = []
-    for name, times in (("cold decode cache", cold), ("warm decode cache", warm)):
+    for name, times in (("cold decode cache", cold), ("warm decode cache", warm), ("bf16-mixed, warm decode cache", mixed)):
         seconds = sum(times[label] for label in WORK)
         rows.append((f"runner, {name}: data + epochs", seconds, times[WORK[0]]))
     rows.append(("runner, cold: whole run incl. MLflow", cold["whole run"], cold[WORK[0]]))

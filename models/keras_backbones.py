@@ -11,8 +11,9 @@ built-in Keras layer, so the saved model loads in any process without this proje
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,17 +111,35 @@ POOL = "pool"  # the head's first layer: global average pooling of the base's ou
 PREPROCESS = "preprocess_input"
 
 
-def build(cfg: KerasBackboneConfig, input_shape: tuple[int, int, int], num_classes: int) -> tuple[keras.Model, keras.Model]:
-    """The classifier (raw pixels in, class probabilities out) and its base, which the trainer freezes."""
-    base = load_base(cfg.name, cfg.weights, input_shape)
-    pixels = keras.Input(shape=input_shape, dtype="float32", name="pixels")
-    x = preprocessing_layer(backbone(cfg.name).preprocess_input)(pixels)
-    x = base(x, training=False)  # as in the guide; what keeps BatchNormalization in inference mode is freeze()
-    x = keras.layers.GlobalAveragePooling2D(name=POOL)(x)
-    if cfg.head_units:
-        x = keras.layers.Dense(cfg.head_units, activation="relu", name="head_hidden")(x)
-    x = keras.layers.Dropout(cfg.dropout, name="head_dropout")(x)
-    probabilities = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+@contextlib.contextmanager
+def dtype_policy(name: str) -> Iterator[None]:
+    """Layers built inside get the dtype policy ``name`` (``keras.applications`` constructors take none); restored after."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def build(
+    cfg: KerasBackboneConfig, input_shape: tuple[int, int, int], num_classes: int, policy: str = "float32"
+) -> tuple[keras.Model, keras.Model]:
+    """The classifier (raw pixels in, class probabilities out) and its base, which the trainer freezes.
+
+    ``policy``: Keras' dtype policy of every layer, e.g. ``mixed_bfloat16`` (bfloat16 compute,
+    float32 weights), but for the softmax, kept in float32 as the mixed-precision guide says.
+    """
+    with dtype_policy(policy):
+        base = load_base(cfg.name, cfg.weights, input_shape)
+        pixels = keras.Input(shape=input_shape, dtype="float32", name="pixels")
+        x = preprocessing_layer(backbone(cfg.name).preprocess_input)(pixels)
+        x = base(x, training=False)  # as in the guide; what keeps BatchNormalization in inference mode is freeze()
+        x = keras.layers.GlobalAveragePooling2D(name=POOL)(x)
+        if cfg.head_units:
+            x = keras.layers.Dense(cfg.head_units, activation="relu", name="head_hidden")(x)
+        x = keras.layers.Dropout(cfg.dropout, name="head_dropout")(x)
+        probabilities = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
     return keras.Model(pixels, probabilities, name=f"{cfg.name}_classifier"), base
 
 

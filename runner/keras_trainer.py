@@ -47,6 +47,9 @@ def versions() -> dict[str, str]:
     return {"framework": "keras", "tensorflow_version": tf.__version__, "keras_version": keras.__version__}
 
 
+POLICIES = {"32": "float32", "bf16-mixed": "mixed_bfloat16"}  # trainer.precision -> Keras dtype policy
+
+
 def batch_rows(count: int, batch_size: int, shuffle_seed: int | None = None) -> tf.data.Dataset:
     """The row indices of each batch; the same order for images and for their cached features."""
     rows = tf.data.Dataset.range(count)
@@ -261,7 +264,7 @@ def fit(run: RunConfig, data: DataSplits, tracker: Tracker, resume_from: Path | 
         keras.config.enable_interactive_logging()
     else:
         keras.config.disable_interactive_logging()
-    model, base = build(run.model, data.image_shape, len(data.classes))
+    model, base = build(run.model, data.image_shape, len(data.classes), POLICIES[run.trainer.precision])
     phases = plan(run, base)
     tracker.log_params(
         {"device": "gpu" if tf.config.list_physical_devices("GPU") else "cpu", "base_layers": len(base.layers)}

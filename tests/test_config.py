@@ -92,6 +92,7 @@ def test_unknown_group_option_lists_the_valid_ones(make_cfg):
         ("trainer.epochs=0", "trainer.epochs"),
         ("trainer.batch_size=-1", "trainer.batch_size"),
         ("trainer.feature_cache_gb=-1", "trainer.feature_cache_gb"),
+        ("trainer.precision=16", "trainer.precision"),
         ("optimizer.lr=0", "optimizer.lr"),
         ("optimizer.momentum=1.5", "optimizer.momentum"),
         ("dataset.val_fraction=0", "dataset.val_fraction"),
