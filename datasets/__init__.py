@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from filelock import FileLock
 
-from datasets.decoded import load_decoded
+from datasets.decoded import ensure_decoded, load_decoded, mapped_rows, memory_budget
 from datasets.folder import decode_images, fingerprint, limit_per_class, scan
 from datasets.split import stratified_split
 
@@ -66,32 +66,54 @@ def resolve_root(cfg) -> Path:  # cfg: runner.config.DatasetConfig (kept untyped
     return Path(cfg.path).expanduser()
 
 
+def split_order(labels: np.ndarray, files: np.ndarray, cfg, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``files`` (ascending indices into the image list) in split order (train, val, test), and the splits' bounds in it."""
+    idx = stratified_split(labels[files], cfg.val_fraction, cfg.test_fraction, seed)
+    order = files[np.concatenate([idx.train, idx.val, idx.test])]
+    return order, np.cumsum([0, len(idx.train), len(idx.val), len(idx.test)])
+
+
 def load(cfg, seed: int, progress: bool = True) -> DataSplits:
-    """Decode the configured data set at ``cfg.image_size`` and split it with ``seed``."""
+    """Decode the configured data set at ``cfg.image_size`` and split it with ``seed``.
+
+    The splits are consecutive slices of one uint8 array, in memory when the pixels fit in
+    ``dataset.in_memory_gb`` (default: half the machine's memory), else memory-mapped from the
+    decode cache.
+    """
     images = limit_per_class(scan(resolve_root(cfg)), cfg.limit, seed)
     log.info("data: %d images in %d classes %s under %s", len(images.paths), len(images.classes), images.classes, images.root)
     key = fingerprint(images)
-    # Split first (assuming every file decodes) and decode in split order: the splits are then
-    # consecutive slices of one array, with no copy of the pixels.
-    idx = stratified_split(images.labels, cfg.val_fraction, cfg.test_fraction, seed)
-    order = np.concatenate([idx.train, idx.val, idx.test])
-    if cfg.decode_cache:
-        pixels, ok, skipped = load_decoded(images, cfg.image_size, Path(cfg.cache_dir).expanduser(), key, cfg.decode_workers, progress, order)
+    cache_dir = Path(cfg.cache_dir).expanduser()
+    size = cfg.image_size
+    fits = len(images.paths) * size * size * 3 <= memory_budget(cfg.in_memory_gb)
+    if cfg.decode_cache and not fits:
+        folder, decodable, skipped = ensure_decoded(images, size, cache_dir, key, cfg.decode_workers, progress)
+        order, bounds = split_order(images.labels, decodable, cfg, seed)
+        pixels = mapped_rows(folder, order)
+        log.info("data: %.1f GB of pixels memory-mapped from %s (dataset.in_memory_gb)", pixels.nbytes / 2**30, folder)
     else:
-        pixels, ok, skipped = decode_images([images.paths[i] for i in order], cfg.image_size, cfg.decode_workers, progress)
+        if not fits:
+            log.warning("data: the pixels exceed dataset.in_memory_gb but dataset.decode_cache=false holds them in memory; "
+                        "set dataset.decode_cache=true to memory-map them instead")
+        # Split first (assuming every file decodes) and decode in split order: the splits are then
+        # consecutive slices of one array, with no copy of the pixels.
+        order, bounds = split_order(images.labels, np.arange(len(images.paths)), cfg, seed)
+        if cfg.decode_cache:
+            pixels, ok, skipped = load_decoded(images, size, cache_dir, key, cfg.decode_workers, progress, order)
+        else:
+            pixels, ok, skipped = decode_images([images.paths[i] for i in order], size, cfg.decode_workers, progress)
+        if len(ok) < len(order):  # split the images that decoded (a copy of the pixels, in this rare case)
+            decoded = order[ok]
+            order, bounds = split_order(images.labels, np.sort(decoded), cfg, seed)
+            position = np.empty(len(images.paths), dtype=np.int64)
+            position[decoded] = np.arange(len(decoded))
+            pixels = pixels[position[order]]
     if skipped:
         log.warning("skipped %d unreadable image(s) of %d", len(skipped), len(images.paths))
-    files = order[ok]
-    if len(ok) < len(order):  # split the images that decoded (a copy of the pixels, in this rare case)
-        by_file = np.argsort(files)
-        idx = stratified_split(images.labels[files[by_file]], cfg.val_fraction, cfg.test_fraction, seed)
-        rows = by_file[np.concatenate([idx.train, idx.val, idx.test])]
-        files, pixels = files[rows], pixels[rows]
-    bounds = np.cumsum([0, len(idx.train), len(idx.val), len(idx.test)])
 
     def take(part: int) -> Split:
         rows = slice(bounds[part], bounds[part + 1])
-        return Split(pixels[rows], images.labels[files[rows]], [images.paths[i] for i in files[rows]])
+        return Split(pixels[rows], images.labels[order[rows]], [images.paths[i] for i in order[rows]])
 
     return DataSplits(
         classes=images.classes,

@@ -95,22 +95,22 @@ def decode_image(path: Path, size: int) -> np.ndarray | str:
 CHUNK = 16  # images per task of the decoding threads
 
 
-def decode_images(
+def decode_into(
     paths: list[Path],
     size: int,
+    out: np.ndarray,
     workers: int | None = None,
     progress: bool = True,
     sink: Callable[[int, np.ndarray], None] | None = None,
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Decode ``paths`` in parallel threads (PIL releases the GIL while decoding), each into its own row.
+) -> tuple[np.ndarray, list[str]]:
+    """Decode ``paths[i]`` into ``out[i]`` in parallel threads (PIL releases the GIL while decoding).
 
-    ``sink(index, image)``, if given, is called in the decoding thread with each image that
-    decodes (the decode cache writes it to its file there, in parallel too). Returns the images
-    (N, size, size, 3) uint8 in the order of ``paths`` (packed: skipped files leave no row; a
-    copy, only when files were skipped), the indices of ``paths`` that decoded, and one warning
-    line per skipped file, each naming it.
+    ``out``: (len(paths), size, size, 3) uint8, in memory or a memory-mapped file; the row of
+    a file that cannot be read is left as it was. ``sink(index, row)``, if given, is called in
+    the decoding thread with each decoded row (the decode cache writes it to its file there).
+    Returns the indices of ``paths`` that decoded and one warning line per skipped file, each
+    naming it.
     """
-    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     errors: dict[int, str] = {}
 
     def decode_chunk(start: int) -> int:
@@ -134,7 +134,19 @@ def decode_images(
     for i in sorted(errors):
         skipped.append(f"{paths[i]} ({errors[i]})")
         log.warning("skipped unreadable image %s: %s", paths[i], errors[i])
-    if not errors:
-        return out, np.arange(len(paths)), skipped
-    ok = np.setdiff1d(np.arange(len(paths)), sorted(errors))
-    return out[ok], ok, skipped
+    return np.setdiff1d(np.arange(len(paths)), sorted(errors)), skipped
+
+
+def decode_images(
+    paths: list[Path],
+    size: int,
+    workers: int | None = None,
+    progress: bool = True,
+    sink: Callable[[int, np.ndarray], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """:func:`decode_into` a new array, packed: returns the images of the files that decoded
+    (N, size, size, 3) uint8 in the order of ``paths`` (a copy, only when files were skipped),
+    their indices in ``paths`` and the skipped files' warning lines."""
+    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    ok, skipped = decode_into(paths, size, out, workers, progress, sink)
+    return (out if len(ok) == len(paths) else out[ok]), ok, skipped

@@ -48,6 +48,7 @@ class DatasetConfig:
     cache_dir: str = "data"
     decode_workers: Optional[int] = None
     decode_cache: bool = True
+    in_memory_gb: Optional[float] = None  # pixels above this are memory-mapped (None: half the machine's memory)
 
     def __post_init__(self) -> None:
         _require(self.image_size >= 8, "dataset.image_size", f"must be >= 8 pixels, got {self.image_size}")
@@ -60,6 +61,8 @@ class DatasetConfig:
         )
         if self.limit is not None:
             _positive("dataset.limit", self.limit)
+        if self.in_memory_gb is not None:
+            _require(self.in_memory_gb >= 0, "dataset.in_memory_gb", f"must be >= 0 (0: always memory-mapped), got {self.in_memory_gb}")
 
 
 @dataclass

@@ -99,6 +99,7 @@ def test_unknown_group_option_lists_the_valid_ones(make_cfg):
         ("dataset.test_fraction=0.9", "dataset.val_fraction + dataset.test_fraction"),
         ("dataset.image_size=2", "dataset.image_size"),
         ("dataset.limit=0", "dataset.limit"),
+        ("dataset.in_memory_gb=-1", "dataset.in_memory_gb"),
         ("freeze_depth=140", "freeze_depth"),
         ("fine_tune_lr=1e-5", "fine_tune_lr"),
         ("objective=speed", "objective"),

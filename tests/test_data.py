@@ -222,7 +222,8 @@ def test_a_cache_of_an_older_layout_is_decoded_anew(tmp_path, caplog):
 
 
 @pytest.mark.parametrize("unreadable", [False, True])
-def test_splits_equal_a_fresh_decode_with_or_without_the_cache(make_cfg, tmp_path, unreadable):
+@pytest.mark.parametrize("in_memory_gb", ["null", "0"])
+def test_splits_equal_a_fresh_decode_with_or_without_the_cache(make_cfg, tmp_path, unreadable, in_memory_gb):
     import datasets
     from runner.config import to_run_config
 
@@ -232,7 +233,7 @@ def test_splits_equal_a_fresh_decode_with_or_without_the_cache(make_cfg, tmp_pat
     loaded = []
     for cache in ("false", "true", "true"):  # no cache, then the run that writes it, then one that reads it
         overrides = ["dataset=image_folder", f"dataset.path={root}", f"dataset.cache_dir={tmp_path / 'cache'}",
-                     f"dataset.decode_cache={cache}", "dataset.image_size=16"]
+                     f"dataset.decode_cache={cache}", "dataset.image_size=16", f"dataset.in_memory_gb={in_memory_gb}"]
         loaded.append(datasets.load(to_run_config(make_cfg(*overrides, tiny=False)).dataset, seed=3, progress=False))
     for data in loaded:
         splits = (data.train, data.val, data.test)
@@ -242,5 +243,13 @@ def test_splits_equal_a_fresh_decode_with_or_without_the_cache(make_cfg, tmp_pat
             np.testing.assert_array_equal(split.images, fresh)
             assert split.labels.tolist() == [data.classes.index(path.parent.name) for path in split.paths]
         assert [split.paths for split in splits] == [split.paths for split in (loaded[0].train, loaded[0].val, loaded[0].test)]
-    if not unreadable:  # the splits are consecutive slices of one array: no copy of the pixels
-        assert all(split.images.base is loaded[1].train.images.base for split in (loaded[1].val, loaded[1].test))
+    # The splits are consecutive slices of one array (no copy of the pixels per split). Over
+    # dataset.in_memory_gb, with the cache on, it is a memory-mapped file of the rows in split order.
+    mapped = in_memory_gb == "0"
+    for data, cache in zip(loaded, (False, True, True)):
+        starts = [split.images.__array_interface__["data"][0] for split in (data.train, data.val, data.test)]
+        assert starts[1] == starts[0] + data.train.images.nbytes and starts[2] == starts[1] + data.val.images.nbytes
+        assert isinstance(data.train.images, np.memmap) == (mapped and cache)
+    if mapped:
+        assert loaded[1].train.images.filename == loaded[2].train.images.filename
+        assert len(list((tmp_path / "cache" / "decoded").glob("*/rows-*.npy"))) == 1

@@ -205,9 +205,9 @@ def test_vgg16_logged_model_loads_and_predicts_in_a_fresh_process(make_cfg, clie
 
 
 @pytest.mark.slow
-def test_same_seed_same_metrics(make_cfg, client):
+def test_same_seed_same_metrics_with_pixels_in_memory_or_memory_mapped(make_cfg, client):
     overrides = ("model=vgg16", "model.weights=null", "seed=5", "objective=val_loss")
-    assert run(make_cfg(*overrides)) == run(make_cfg(*overrides))
+    assert run(make_cfg(*overrides)) == run(make_cfg(*overrides, "dataset.in_memory_gb=0"))
 
 
 @pytest.mark.slow

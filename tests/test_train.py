@@ -73,8 +73,8 @@ def test_logged_model_loads_and_predicts_like_the_trainer(finished_run, make_cfg
     assert accuracy == pytest.approx(found.data.metrics["test_accuracy"])
 
 
-def test_same_seed_same_metrics(make_cfg, client):
-    assert run(make_cfg("seed=5")) == run(make_cfg("seed=5"))
+def test_same_seed_same_metrics_with_pixels_in_memory_or_memory_mapped(make_cfg, client):
+    assert run(make_cfg("seed=5", "objective=val_loss")) == run(make_cfg("seed=5", "objective=val_loss", "dataset.in_memory_gb=0"))
 
 
 def test_diverging_training_ends_failed_with_a_clear_error(make_cfg, client):
