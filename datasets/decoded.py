@@ -37,6 +37,7 @@ def memory_budget(in_memory_gb: float | None) -> int:
 
 
 def cache_folder(cache_dir: Path, key: str, size: int) -> Path:
+    """Where the pixels of the data set ``key`` (its fingerprint) decoded at ``size`` are kept."""
     folder = Path(cache_dir) / "decoded" / f"{key}-{size}px"
     folder.parent.mkdir(parents=True, exist_ok=True)
     return folder

@@ -313,3 +313,17 @@ def split_frozen(model: keras.Model, base: keras.Model) -> FrozenSplit | None:
         activations = keras.Input(shape=boundary.shape[1:], dtype=boundary.dtype)
         trainable = keras.Model(activations, head(suffix(activations)), name="trainable_part")
     return FrozenSplit(keras.Model(raw, features, name="frozen_part"), trainable, POOL if whole else layers[cut].name)
+
+
+def frozen_tail(base: keras.Model, cut: str) -> keras.Model:
+    """The base's layers after ``cut`` and the head's pooling, BatchNormalization folded: for inference only.
+
+    With the whole base frozen, ``frozen_tail(base, cut)`` applied to the frozen output at
+    ``cut`` (a fine-tune phase's cut) gives the pooled vectors :func:`split_frozen` would, up
+    to float rounding: so a fine-tune run runs the layers before ``cut`` once per image for
+    both of its phases.
+    """
+    boundary = base.get_layer(cut).output
+    suffix = fold_batch_norm(keras.Model(boundary, base.outputs[0]))
+    maps = keras.Input(shape=boundary.shape[1:], dtype="float32")
+    return keras.Model(maps, keras.layers.GlobalAveragePooling2D()(suffix(maps)), name="frozen_tail")

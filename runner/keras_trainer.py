@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from datasets import DataSplits  # noqa: E402
-from models.keras_backbones import FrozenSplit, build, freeze, frozen_layer_count, split_frozen  # noqa: E402
+from models.keras_backbones import POOL, FrozenSplit, build, freeze, frozen_layer_count, frozen_tail, split_frozen  # noqa: E402
 from runner.frozen_features import FeatureStore  # noqa: E402
 from runner.config import AdamConfig, OptimizerConfig, RunConfig, SGDConfig  # noqa: E402
 from runner import interrupt  # noqa: E402
@@ -249,6 +249,19 @@ def stored_features(store: FeatureStore, split: FrozenSplit, data: DataSplits) -
     return None if val is None else (train, val)
 
 
+def pooled_via(store: FeatureStore, later: FrozenSplit, tail: keras.Model, data: DataSplits) -> tuple[np.ndarray, np.ndarray] | None:
+    """Phase 1's pooled vectors by way of the fine-tune phase's frozen output (stored for it): the tail on it.
+
+    The layers before the fine-tune cut then run once per image for both phases, not once each.
+    """
+    maps = stored_features(store, later, data)
+    if maps is None:
+        return None
+    train = store.features(tail, maps[0], "train")
+    val = store.features(tail, maps[1], "val") if train is not None else None
+    return None if val is None else (train, val)
+
+
 def fit(run: RunConfig, data: DataSplits, tracker: Tracker, resume_from: Path | None = None) -> KerasModel:
     """Train the new head (and unfrozen base layers) in one or two phases, with metrics and a checkpoint per epoch.
 
@@ -276,12 +289,26 @@ def fit(run: RunConfig, data: DataSplits, tracker: Tracker, resume_from: Path | 
     store = None
     if run.trainer.cache_frozen_features:
         store = FeatureStore(Path(run.trainer.feature_cache_dir), run.trainer.feature_cache_gb, batch_size, run.trainer.progress)
+    # A fine-tune run: the second phase's cut, known before the first, whose frozen output
+    # serves both phases (see pooled_via).
+    later = None
+    if store and len(phases) > 1:
+        freeze(base, phases[-1].freeze_depth)
+        later = split_frozen(model, base)
     epochs_done = 0
     for number, phase in enumerate(phases, start=1):
         freeze(base, phase.freeze_depth)
         compile_model(model, run.optimizer, phase.lr)
-        split = split_frozen(model, base) if store else None
-        features = stored_features(store, split, data) if split else None
+        if store is None:
+            split = None
+        elif later is not None and number == len(phases):
+            split = later
+        else:
+            split = split_frozen(model, base)
+        if split is not None and later is not None and number == 1 and later.cut != POOL:  # the head on the whole frozen base
+            features = pooled_via(store, later, frozen_tail(base, later.cut), data)
+        else:
+            features = stored_features(store, split, data) if split else None
         if features is None:  # through the whole model, every epoch
             split, fitted = None, model
             train = batches(data.train.images, data.train.labels, train_rows)

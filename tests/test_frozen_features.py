@@ -74,8 +74,20 @@ def test_training_on_cached_frozen_features_equals_training_through_the_frozen_l
         return keras_fit(model, *args, **kwargs)
 
     monkeypatch.setattr(keras.Model, "fit", spy_fit)
+    passes: list[tuple[str, tuple[int, ...]]] = []  # (split, input shape) of each pass of frozen layers
+    compute = frozen_features.compute
+
+    def spy_compute(step, images, *args):
+        passes.append((args[2], images.shape[1:]))
+        return compute(step, images, *args)
+
+    monkeypatch.setattr(frozen_features, "compute", spy_compute)
     cached, cached_tracker, cached_model = train(make_cfg, tmp_path / "cached", True, *overrides)
     assert fitted == ["trainable_part"] * len(cuts)
+    # The layers up to the fine-tune cut ran once per image for both phases: on each split's
+    # pixels once, and phase 1's pooled vectors came from their output through the rest of the base.
+    assert [name for name, shape in passes if shape == SHAPE] == ["frozen layers: train", "frozen layers: val", "frozen layers: predict"]
+    assert [name for name, shape in passes if shape != SHAPE] == ["frozen layers: train", "frozen layers: val"]
     fitted.clear()
     through, through_tracker, _ = train(make_cfg, tmp_path / "through", False, *overrides)
     assert fitted == ["resnet50_classifier"] * len(cuts)
