@@ -9,8 +9,11 @@ Frozen layers compute the same thing every epoch, so by default (``trainer.cache
 a phase trains the rest of the model on their output for each train and val image, computed
 once and kept across runs in a store (runner.frozen_features): with the whole base frozen each
 epoch is a small MLP fit on pooled vectors, and a later run with the same frozen layers and
-images (a sweep's next job) skips the base entirely. There is no random augmentation in this
-trainer; one that changes the images every epoch would have to turn the cache off.
+images (a sweep's next job) skips the base entirely. A fine-tune run computes the layers
+before its second phase's cut once per image for both phases (:func:`pooled_via`). There is
+no random augmentation in this trainer; one that changes the images every epoch would have
+to turn the cache off. ``trainer.precision=bf16-mixed`` builds the model under Keras'
+``mixed_bfloat16`` policy.
 """
 
 from __future__ import annotations
