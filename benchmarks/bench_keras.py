@@ -31,20 +31,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import plain_keras  # noqa: E402
-from stages import PROFILE_HEADERS, profile_rows, timed_run  # noqa: E402
+from stages import PROFILE_HEADERS, bookkeeping_stages, compose_cfg, profile_rows, timed_run  # noqa: E402
 
 import datasets  # noqa: E402
 from runner import app, frozen_features, keras_trainer  # noqa: E402
 from models.keras_backbones import build, freeze, frozen_layer_count, split_frozen  # noqa: E402
 from runner.config import KerasBackboneConfig, register_schemas, to_run_config  # noqa: E402
-from runner.tracking import Tracker  # noqa: E402
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
 
 # What the runner spends its time on (see stages.py).
 STAGES = [
@@ -55,17 +51,8 @@ STAGES = [
     (frozen_features, "pixels_key", "feature store: hashing pixels"),
     (keras_trainer, "fit", "epochs: training + validation steps"),
     (keras_trainer, "save_checkpoint", "checkpoint .keras each epoch"),
-    (Tracker, "log_epoch", "MLflow: epoch metrics"),
-    (Tracker, "log_artifact", "MLflow: artifact uploads (checkpoints)"),
-    (keras_trainer.KerasModel, "predict_proba", "test predictions"),
-    (app, "evaluate_and_log", "test metrics, plots, JSON"),
-    (keras_trainer.KerasModel, "log_model", "MLflow: model export"),
+    *bookkeeping_stages(keras_trainer.KerasModel),
 ]
-
-
-def compose_cfg(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=overrides)
 
 
 def runner_times(overrides: list[str]) -> dict[str, float]:

@@ -22,7 +22,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -31,11 +30,7 @@ import plain_linear  # noqa: E402
 import datasets  # noqa: E402
 from runner import app, torch_trainer  # noqa: E402
 from runner.config import register_schemas, to_run_config  # noqa: E402
-from runner.tracking import Tracker  # noqa: E402
-from stages import PROFILE_HEADERS, profile_rows, timed_run  # noqa: E402
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
-
+from stages import PROFILE_HEADERS, bookkeeping_stages, compose_cfg, profile_rows, timed_run  # noqa: E402
 
 # What the runner spends its time on (see stages.py); the first four are the plain script's work
 # (decoding, all epochs) plus the validation the runner adds each epoch.
@@ -45,20 +40,14 @@ STAGES = [
     (torch_trainer, "train_one_epoch", "epochs: training steps"),
     (torch_trainer, "evaluate", "epochs: validation steps"),
     (torch_trainer, "save_checkpoint", "checkpoint each epoch"),
-    (Tracker, "log_epoch", "MLflow: epoch metrics"),
-    (Tracker, "log_artifact", "MLflow: artifact uploads (checkpoints)"),
-    (torch_trainer.TorchModel, "predict_proba", "test predictions"),
-    (app, "evaluate_and_log", "test metrics, plots, JSON"),
-    (torch_trainer.TorchModel, "log_model", "MLflow: model export"),
+    *bookkeeping_stages(torch_trainer.TorchModel),
 ]
 WORK = [label for _, _, label in STAGES[:4]]
 
 
 def runner_times(overrides: list[str]) -> dict[str, float]:
     """Seconds of each stage of one runner run and of the whole run (with MLflow)."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    return timed_run(STAGES, app.run, cfg)
+    return timed_run(STAGES, app.run, compose_cfg(overrides))
 
 
 def main() -> None:
@@ -78,7 +67,7 @@ def main() -> None:
         f"dataset.cache_dir={work / 'data'}", f"tracking.uri=sqlite:///{work / 'mlflow.db'}",
         f"tracking.artifact_root={work / 'mlruns'}", "tracking.experiment=benchmark",
     ]
-    run_cfg = to_run_config_from(overrides)
+    run_cfg = to_run_config(compose_cfg(overrides))
     data = datasets.load(run_cfg.dataset, run_cfg.seed, progress=False)  # generates the images once
     shutil.rmtree(work / "data" / "decoded", ignore_errors=True)  # the runner starts cold
     train_files, train_labels = data.train.paths, data.train.labels.tolist()
@@ -107,11 +96,6 @@ def main() -> None:
     for name, times in (("cold decode cache", cold), ("warm decode cache", warm)):
         print(f"\nwhere the runner's time goes, {name}")
         print(tabulate(profile_rows(STAGES, times), headers=PROFILE_HEADERS))
-
-
-def to_run_config_from(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return to_run_config(compose("config", overrides=overrides))
 
 
 if __name__ == "__main__":

@@ -11,9 +11,35 @@ import contextlib
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from runner import app
+from runner.tracking import Tracker
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
 Stage = tuple[Any, str, str]  # (owner, attribute, label)
+
+
+def compose_cfg(overrides: list[str]) -> DictConfig:
+    """The project's config with ``overrides``, as ``python -m runner`` composes it."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def bookkeeping_stages(model_class: type) -> list[Stage]:
+    """The stages after the data and the epochs that every trainer shares: MLflow logging, test evaluation, model export."""
+    return [
+        (Tracker, "log_epoch", "MLflow: epoch metrics"),
+        (Tracker, "log_artifact", "MLflow: artifact uploads (checkpoints)"),
+        (model_class, "predict_proba", "test predictions"),
+        (app, "evaluate_and_log", "test metrics, plots, JSON"),
+        (model_class, "log_model", "MLflow: model export"),
+    ]
 
 
 @contextlib.contextmanager

@@ -79,7 +79,7 @@ def ensure_decoded(
         meta = _marker(folder)
         if meta is None:
             tmp = _fresh(folder)
-            out = np.lib.format.open_memmap(tmp / "pixels.npy", mode="w+", dtype=np.uint8, shape=(len(images.paths), size, size, 3))
+            out = _pixel_file(tmp, len(images.paths), size)
             ok, skipped = decode_into(images.paths, size, out, workers, progress)
             out.flush()
             del out
@@ -142,6 +142,11 @@ def _fresh(folder: Path) -> Path:
     return tmp
 
 
+def _pixel_file(tmp: Path, count: int, size: int) -> np.memmap:
+    """The cache's ``pixels.npy`` in ``tmp``, one row per file of the data set, mapped for writing (nothing written yet)."""
+    return np.lib.format.open_memmap(tmp / "pixels.npy", mode="w+", dtype=np.uint8, shape=(count, size, size, 3))
+
+
 def _publish(tmp: Path, folder: Path, decoded: np.ndarray, skipped: list[str]) -> None:
     np.save(tmp / "decoded.npy", np.sort(decoded))
     (tmp / MARKER).write_text(json.dumps({"format": FORMAT, "skipped": skipped}))
@@ -154,12 +159,8 @@ def _decode_in_order(
     """Decode in ``order`` into memory and into the file, each image to its file row as it is decoded."""
     tmp = _fresh(folder)
     row_bytes = size * size * 3
-    with open(tmp / "pixels.npy", "wb") as out:  # the .npy header, then each row in its place: plain writes, no page faults
-        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": (len(images.paths), size, size, 3)}
-        np.lib.format.write_array_header_1_0(out, header)
-        out.flush()
-        offset = out.tell()
-        out.truncate(offset + len(images.paths) * row_bytes)
+    offset = _pixel_file(tmp, len(images.paths), size).offset  # header and size only; rows go in with plain writes, no page faults
+    with open(tmp / "pixels.npy", "r+b") as out:
 
         def write(index: int, image: np.ndarray) -> None:  # in the decoding threads
             os.pwrite(out.fileno(), image.data, offset + int(order[index]) * row_bytes)

@@ -245,11 +245,16 @@ def set_threads(num_threads: int | None) -> None:
         log.warning("TensorFlow is already running in this process: trainer.num_threads=%s takes effect in a new one", num_threads)
 
 
+def stored_pair(store: FeatureStore, frozen: keras.Model, train: np.ndarray, val: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """What ``frozen`` computes for the train and val inputs, from the store (see runner.frozen_features); None if the disk cannot hold it."""
+    train_out = store.features(frozen, train, "train")
+    val_out = store.features(frozen, val, "val") if train_out is not None else None
+    return None if val_out is None else (train_out, val_out)
+
+
 def stored_features(store: FeatureStore, split: FrozenSplit, data: DataSplits) -> tuple[np.ndarray, np.ndarray] | None:
-    """The frozen part's output for the train and val images (see runner.frozen_features); None if the disk cannot hold it."""
-    train = store.features(split.frozen, data.train.images, "train")
-    val = store.features(split.frozen, data.val.images, "val") if train is not None else None
-    return None if val is None else (train, val)
+    """The frozen part's output for the train and val images."""
+    return stored_pair(store, split.frozen, data.train.images, data.val.images)
 
 
 def pooled_via(store: FeatureStore, later: FrozenSplit, tail: keras.Model, data: DataSplits) -> tuple[np.ndarray, np.ndarray] | None:
@@ -258,11 +263,7 @@ def pooled_via(store: FeatureStore, later: FrozenSplit, tail: keras.Model, data:
     The layers before the fine-tune cut then run once per image for both phases, not once each.
     """
     maps = stored_features(store, later, data)
-    if maps is None:
-        return None
-    train = store.features(tail, maps[0], "train")
-    val = store.features(tail, maps[1], "val") if train is not None else None
-    return None if val is None else (train, val)
+    return None if maps is None else stored_pair(store, tail, *maps)
 
 
 def fit(run: RunConfig, data: DataSplits, tracker: Tracker, resume_from: Path | None = None) -> KerasModel:
@@ -308,7 +309,7 @@ def fit(run: RunConfig, data: DataSplits, tracker: Tracker, resume_from: Path | 
             split = later
         else:
             split = split_frozen(model, base)
-        if split is not None and later is not None and number == 1 and later.cut != POOL:  # the head on the whole frozen base
+        if later is not None and number == 1 and later.cut != POOL:  # the head on the whole frozen base
             features = pooled_via(store, later, frozen_tail(base, later.cut), data)
         else:
             features = stored_features(store, split, data) if split else None
