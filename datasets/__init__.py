@@ -6,16 +6,21 @@ exactly the same images in each split.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from filelock import FileLock
 
-from datasets.decoded import ensure_decoded, load_decoded, mapped_rows, memory_budget
+from datasets.decoded import load_decoded, load_mapped, memory_budget
 from datasets.folder import decode_images, fingerprint, limit_per_class, scan
+from datasets.integrity import digest_index
 from datasets.split import stratified_split
+from runner.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +62,18 @@ def resolve_root(cfg) -> Path:  # cfg: runner.config.DatasetConfig (kept untyped
             f"synthetic_cracks-n{cfg.samples_per_class}-s{cfg.source_size}-seed{cfg.seed}"
         )
         root.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(root) + ".lock"):  # parallel sweep jobs generate it once
-            return synthetic.generate(root, cfg.samples_per_class, cfg.source_size, cfg.seed, cfg.decode_workers)
+        # Parallel sweep jobs generate it once; in a read-only cache_dir a complete set is used as it is.
+        writable = os.access(root.parent, os.W_OK)
+        try:
+            with FileLock(str(root) + ".lock") if writable else contextlib.nullcontext():
+                return synthetic.generate(root, cfg.samples_per_class, cfg.source_size, cfg.seed, cfg.decode_workers)
+        except OSError as err:
+            if writable:
+                raise
+            raise DataError(
+                f"dataset.cache_dir {str(root.parent)!r} is read-only and holds no complete synthetic set {root.name} "
+                f"({err.strerror or err}). Set dataset.cache_dir to a writable folder."
+            ) from err
     if cfg.name == "concrete_cracks":
         from datasets import concrete_cracks
 
@@ -78,19 +93,20 @@ def load(cfg, seed: int, progress: bool = True) -> DataSplits:
 
     The splits are consecutive slices of one uint8 array, in memory when the pixels fit in
     ``dataset.in_memory_gb`` (default: half the machine's memory), else memory-mapped from the
-    decode cache.
+    decode cache. That cache is keyed by the files' contents (:func:`datasets.folder.fingerprint`)
+    and checked before use, so an edited image or a damaged cache is never trained on.
     """
     images = limit_per_class(scan(resolve_root(cfg)), cfg.limit, seed)
     log.info("data: %d images in %d classes %s under %s", len(images.paths), len(images.classes), images.classes, images.root)
-    key = fingerprint(images)
     cache_dir = Path(cfg.cache_dir).expanduser()
+    key = fingerprint(images, digest_index(cache_dir, images.root))
     size = cfg.image_size
     fits = len(images.paths) * size * size * 3 <= memory_budget(cfg.in_memory_gb)
+    pixels: np.ndarray
     if cfg.decode_cache and not fits:
-        folder, decodable, skipped = ensure_decoded(images, size, cache_dir, key, cfg.decode_workers, progress)
-        order, bounds = split_order(images.labels, decodable, cfg, seed)
-        pixels = mapped_rows(folder, order)
-        log.info("data: %.1f GB of pixels memory-mapped from %s (dataset.in_memory_gb)", pixels.nbytes / 2**30, folder)
+        arrange = partial(split_order, images.labels, cfg=cfg, seed=seed)
+        pixels, order, bounds, skipped = load_mapped(images, size, cache_dir, key, cfg.decode_workers, progress, arrange)
+        log.info("data: %.1f GB of pixels memory-mapped from %s (dataset.in_memory_gb)", pixels.nbytes / 2**30, pixels.filename)
     else:
         if not fits:
             log.warning("data: the pixels exceed dataset.in_memory_gb but dataset.decode_cache=false holds them in memory; "

@@ -20,6 +20,7 @@ from filelock import FileLock
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 from tqdm import tqdm
 
+from runner import interrupt
 from runner.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -67,15 +68,18 @@ def class_root(folder: Path) -> Path:
     retry=retry_if_exception_type((urllib.error.URLError, TimeoutError, ConnectionError)),
     stop=stop_after_attempt(3),
     wait=wait_exponential(min=1, max=10),
+    sleep=interrupt.sleep,  # Ctrl-C during a back-off stops it, not after it
     reraise=True,
 )
 def _fetch(url: str, part: Path, progress: bool) -> None:
+    """Stream ``url`` into ``part``; a stop request ends it between reads (read1: what arrived, not a full MiB)."""
     with urllib.request.urlopen(url, timeout=60) as response, part.open("wb") as out:
         total = int(response.headers.get("Content-Length") or 0) or None
         with tqdm(total=total, unit="B", unit_scale=True, desc="download", disable=not progress) as bar:
-            while chunk := response.read(1 << 20):
+            while chunk := response.read1(1 << 20):
                 out.write(chunk)
                 bar.update(len(chunk))
+                interrupt.check()
 
 
 def _download(url: str, archive: Path, progress: bool) -> None:
@@ -84,6 +88,9 @@ def _download(url: str, archive: Path, progress: bool) -> None:
     part = archive.with_name(archive.name + ".part")
     try:
         _fetch(url, part, progress)
+    except KeyboardInterrupt:
+        part.unlink(missing_ok=True)
+        raise
     except (urllib.error.URLError, TimeoutError, ConnectionError, ValueError) as err:
         part.unlink(missing_ok=True)
         raise DataError(
@@ -98,6 +105,7 @@ def _verify(archive: Path, sha256: str) -> None:
     with archive.open("rb") as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
+            interrupt.check()
     if digest.hexdigest() != sha256.lower():
         raise DataError(
             f"{archive} has sha256 {digest.hexdigest()}, expected dataset.sha256={sha256}. The download is corrupt or "
@@ -116,7 +124,9 @@ def _extract_once(archive: Path, target: Path) -> Path:
             tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
             try:
                 with zipfile.ZipFile(archive) as zf:
-                    zf.extractall(tmp)
+                    for member in zf.infolist():  # one by one, so a stop request ends it between files
+                        interrupt.check()
+                        zf.extract(member, tmp)
                 tmp.replace(target)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)

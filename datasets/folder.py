@@ -5,15 +5,18 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
+from datasets.integrity import content_digests
+from runner import interrupt
 from runner.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -71,25 +74,78 @@ def limit_per_class(images: ImageList, limit: int | None, seed: int) -> ImageLis
     return ImageList(images.root, images.classes, [images.paths[i] for i in keep], images.labels[keep])
 
 
-def fingerprint(images: ImageList) -> str:
-    """A short hash of the file names, sizes and labels: equal data sets give equal fingerprints."""
+def fingerprint(images: ImageList, index: Path | None = None) -> str:
+    """A short hash of the file names, labels and contents: equal data sets give equal fingerprints, on any machine.
+
+    It keys the decode cache, so an image edited in place (even to the same size) gets new
+    pixels, never the old ones. ``index``: a file that remembers each file's digest while the
+    file is unchanged, so a later run reads no image (see :func:`content_digests`).
+    """
     digest = hashlib.sha256()
-    for path, label in zip(images.paths, images.labels):
-        digest.update(f"{path.relative_to(images.root).as_posix()}\0{path.stat().st_size}\0{label}\n".encode())
+    for path, label, content in zip(images.paths, images.labels, content_digests(images.paths, index)):
+        digest.update(f"{path.relative_to(images.root).as_posix()}\0{content}\0{label}\n".encode())
     return digest.hexdigest()[:16]
 
 
 def decode_image(path: Path, size: int) -> np.ndarray | str:
-    """One RGB image at size x size as uint8, or the reason it could not be read."""
+    """One RGB image at size x size as uint8, as an image viewer shows it, or the reason it could not be read.
+
+    Training and ``runner.predict`` both decode through here, so a file looks the same to both.
+    The EXIF orientation is applied (photos stored sideways are seen upright). Other modes
+    become 8-bit RGB by :func:`_viewer_rgb`: transparency is composited over white, 16-bit,
+    32-bit integer and float pixels are scaled to 0..255 rather than clipped (which turned
+    16-bit PNGs white). A file over PIL's ``Image.MAX_IMAGE_PIXELS`` guard is refused with a
+    reason that says so; callers prefix the path.
+    """
     try:
         with Image.open(path) as img:
-            img.draft("RGB", (size, size))  # JPEG: let the decoder downscale, much faster
-            rgb = img.convert("RGB")
+            img.draft("RGB", (size, size))  # JPEG: the decoder downscales while loading, much faster
+            ImageOps.exif_transpose(img, in_place=True)  # loads (drafted) pixels, then turns them upright
+            rgb = _viewer_rgb(img)
             if rgb.size != (size, size):
                 rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
             return np.asarray(rgb, dtype=np.uint8)
     except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as err:
         return f"{type(err).__name__}: {err}"
+
+
+_WHITE = (255, 255, 255)
+
+
+def _viewer_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB pixels that look like ``img`` does in a viewer.
+
+    Alpha (RGBA, LA, PA, a palette or gray/RGB ``transparency`` entry) is composited over a
+    white background: a decoded array has no alpha, and white is how viewers and browsers
+    show a transparent page. High-bit-depth gray becomes 8-bit by :func:`_gray8`. CMYK, 1-bit,
+    palette and YCbCr go through PIL's own conversion.
+    """
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        img = Image.fromarray(_gray8(img), "L")
+    if "A" in img.mode or "a" in img.mode or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        rgb = Image.new("RGB", rgba.size, _WHITE)
+        rgb.paste(rgba, mask=rgba)  # out = pixel * alpha + white * (1 - alpha)
+        return rgb
+    return img.convert("RGB")
+
+
+def _gray8(img: Image.Image) -> np.ndarray:
+    """Gray pixels wider than 8 bits scaled into 0..255 (PIL's convert clips them at 255 instead).
+
+    16-bit (I;16*) spans 0..65535, the file's own range. 32-bit integer (I) and float (F)
+    files carry no range, so theirs is the smallest conventional one that holds the
+    brightest pixel: 0..1 (float only), 0..255, 0..65535, 0..2**31-1. Negative values and
+    NaN are black.
+    """
+    values = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=np.finfo(np.float64).max, neginf=0.0)
+    if img.mode.startswith("I;16"):
+        full = 65535.0
+    else:
+        peak = float(values.max(initial=0.0))
+        ranges = ((1.0,) if img.mode == "F" else ()) + (255.0, 65535.0, 2.0**31 - 1)
+        full = next((r for r in ranges if peak <= r), peak)
+    return np.rint(np.clip(values, 0.0, full) * (255.0 / full)).astype(np.uint8)
 
 
 CHUNK = 16  # images per task of the decoding threads
@@ -109,13 +165,17 @@ def decode_into(
     a file that cannot be read is left as it was. ``sink(index, row)``, if given, is called in
     the decoding thread with each decoded row (the decode cache writes it to its file there).
     Returns the indices of ``paths`` that decoded and one warning line per skipped file, each
-    naming it.
+    naming it. A stop request (:mod:`runner.interrupt`) raises KeyboardInterrupt within a
+    second, once no thread writes to ``out`` or calls ``sink`` any more.
     """
     errors: dict[int, str] = {}
+    leaving = threading.Event()  # set when this call returns or raises: the chunks under way stop early
 
     def decode_chunk(start: int) -> int:
         stop = min(start + CHUNK, len(paths))
         for i in range(start, stop):
+            if leaving.is_set():
+                break
             result = decode_image(paths[i], size)
             if isinstance(result, str):
                 errors[i] = result
@@ -125,11 +185,16 @@ def decode_into(
                 sink(i, out[i])
         return stop - start
 
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool, tqdm(
-        total=len(paths), desc="decode", unit="img", disable=not progress
-    ) as bar:
-        for done in pool.map(decode_chunk, range(0, len(paths), CHUNK)):
-            bar.update(done)
+    pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)
+    try:
+        with tqdm(total=len(paths), desc="decode", unit="img", disable=not progress) as bar:
+            for done in interrupt.completed([pool.submit(decode_chunk, start) for start in range(0, len(paths), CHUNK)]):
+                bar.update(done)
+    finally:
+        leaving.set()
+        # Pending chunks are dropped; those under way end after their current image. Waiting for them
+        # matters: the caller may close the file that ``sink`` writes to as soon as this returns.
+        pool.shutdown(wait=True, cancel_futures=True)
     skipped = []
     for i in sorted(errors):
         skipped.append(f"{paths[i]} ({errors[i]})")

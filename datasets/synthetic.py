@@ -17,13 +17,14 @@ import math
 import os
 import shutil
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
+
+from runner import interrupt
 
 logger = logging.getLogger(__name__)
 
@@ -136,23 +137,35 @@ def _plan_jobs(folder: Path, samples_per_class: int, size: int, seed: int) -> li
 
 
 def _run_jobs(jobs: list[_Job], workers: int | None) -> None:
-    """Render all jobs, in parallel over the cores unless workers == 1."""
+    """Render all jobs, in parallel over the cores unless workers == 1; a stop request ends it within a second.
+
+    Interrupted, the worker processes are terminated, not waited for (generate removes the staging folder).
+    """
     workers = min(workers or os.cpu_count() or 1, len(jobs))
     with tqdm(total=len(jobs), unit="img", desc="synthetic images", disable=None) as bar:
         if workers == 1:
             for job in jobs:
+                interrupt.check()
                 _render_job(job)
                 bar.update()
             return
         chunksize = max(1, len(jobs) // (workers * 16))
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            for _ in pool.map(_render_job, jobs, chunksize=chunksize):
-                bar.update()
+        chunks = [jobs[start : start + chunksize] for start in range(0, len(jobs), chunksize)]
+        with interrupt.process_pool(workers) as pool:  # leaving it terminates the workers
+            for done in interrupt.imap(pool, _render_chunk, chunks):
+                bar.update(done)
 
 
 def _render_job(job: _Job) -> None:
     image = render(job.seed, job.class_index, job.index, job.size)
     image.save(job.path, "JPEG", quality=JPEG_QUALITY, optimize=False, subsampling=0)
+
+
+def _render_chunk(jobs: list[_Job]) -> int:
+    """One task of the worker processes: a few images, fewer round trips than one each."""
+    for job in jobs:
+        _render_job(job)
+    return len(jobs)
 
 
 def _publish(staging: Path, root: Path, params: dict) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import logging
+import shlex
 import sys
 
 import hydra
@@ -31,21 +33,46 @@ def main(cfg: DictConfig) -> float:
 
 def cli() -> None:
     """Run ``main``; if a sweep dies, its MLflow parent run is closed as FAILED or KILLED, never left RUNNING."""
-    interrupt.install()  # Ctrl-C and `kill` stop the run at the next batch, marked KILLED
+    interrupt.install()  # Ctrl-C and `kill` stop the run at the next safe point, marked KILLED
     status = "FAILED"
     try:
         main()
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
-        log.error("interrupted: the MLflow run is marked KILLED and keeps its last complete checkpoint")
+        log.error("%s", _interrupted(_close_sweep_parents(status)))
+        gc.freeze()  # exit promptly: the interpreter's final collections over torch's and MLflow's objects take 1-2 s
         sys.exit(130)
     except SystemExit as stop:
         status = "FINISHED" if stop.code in (0, None) else "FAILED"
         raise
     finally:
-        if "runner.sweep" in sys.modules:  # Hydra made the sweep callback: close what it left open
-            sys.modules["runner.sweep"].close_open_parents(status)
+        _close_sweep_parents(status)
+
+
+def _close_sweep_parents(status: str) -> list[str]:
+    """Close the parent runs a sweep left open (Hydra made the sweep callback) as ``status``; return their ids."""
+    sweep = sys.modules.get("runner.sweep")
+    if sweep is None:
+        return []
+    parents = list(sweep._open_parents)
+    sweep.close_open_parents(status)
+    return parents
+
+
+def _interrupted(parents: list[str]) -> str:
+    """What an interruption left in MLflow, as it is: nothing, a finished run, or KILLED runs and the resume command."""
+    run = interrupt.stopped_run()
+    if run is None and not parents:
+        opened = interrupt.opened_runs()
+        if opened:
+            return f"interrupted after MLflow run {opened[-1]} ended: nothing more was recorded"
+        return "interrupted before any MLflow run was opened: nothing was recorded"
+    facts = [f"MLflow run {run} is marked KILLED with what it logged so far" if run else "this sweep job had opened no run yet"]
+    facts += [f"the sweep's parent run {parent} is marked KILLED" for parent in parents]
+    target = parents[0] if parents else run
+    args = [arg for arg in sys.argv[1:] if not arg.startswith("resume=")]
+    return f"interrupted: {'; '.join(facts)}. Continue with: {shlex.join(['python', '-m', 'runner', *args, f'resume={target}'])}"
 
 
 if __name__ == "__main__":

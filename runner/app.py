@@ -20,10 +20,13 @@ import datasets
 from runner import interrupt, summary
 from runner.config import RunConfig, to_run_config
 from runner.dispatch import trainer_for
+from runner.errors import RunnerError, storage_error
 from runner.evaluate import evaluate_and_log
-from runner.files import absolute_path
+from runner.files import absolute_path, check_writable
 from runner.seeding import seed_everything
-from runner.tracking import RunSpec, absolute_tracking_uri, open_store, prepare_resume, start_run
+from runner.store import absolute_tracking_uri, open_store
+from runner.sweep import SWEEP_ID_KEY, SWEEP_PARENT_KEY
+from runner.tracking import RunSpec, prepare_resume, start_run
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,7 @@ class JobContext:
     output_dir: Path
     overrides: list[str] = field(default_factory=list)
     sweep: str | None = None
+    sweep_parent: str | None = None
     job_num: int = 0
     threads: int | None = None  # None: all cores (one job at a time)
 
@@ -43,15 +47,35 @@ def job_context() -> JobContext:
     if not HydraConfig.initialized():  # called from Python (tests, notebooks) without @hydra.main
         return JobContext(Path(tempfile.mkdtemp(prefix="runner-")))
     hc = HydraConfig.get()
+    output_dir = own_folder(Path(hc.runtime.output_dir))
     if hc.mode != RunMode.MULTIRUN:
-        return JobContext(Path(hc.runtime.output_dir), list(hc.overrides.task))
+        return JobContext(output_dir, list(hc.overrides.task))
     return JobContext(
-        Path(hc.runtime.output_dir),
+        output_dir,
         list(hc.overrides.task),
-        sweep=str(hc.sweep.dir),
+        sweep=hc.job.env_set.get(SWEEP_ID_KEY) or str(absolute_path(str(hc.sweep.dir))),
+        sweep_parent=hc.job.env_set.get(SWEEP_PARENT_KEY),
         job_num=int(hc.job.num),
         threads=_threads_per_job(hc.launcher),
     )
+
+
+def own_folder(folder: Path) -> Path:
+    """``folder`` if this run is the first to claim it, else a new folder inside it.
+
+    Hydra names a run's folder by the second it started, so two runs started in the same
+    second get the same one; checkpoints written there would then mix. The claim (an
+    exclusively created ``.owner`` file) gives each run a folder nobody else writes to.
+    """
+    check_writable(folder, "the run's output folder", "hydra.run.dir")
+    try:
+        with open(folder / ".owner", "x") as owner:
+            owner.write(f"{os.getpid()}\n")
+        return folder
+    except FileExistsError:
+        own = Path(tempfile.mkdtemp(prefix="run-", dir=folder))
+        log.info("output folder %s is another run's (started in the same second): this run writes to %s", folder, own)
+        return own
 
 
 def _threads_per_job(launcher: DictConfig) -> int | None:
@@ -77,7 +101,22 @@ def _localise(run: RunConfig, job: JobContext) -> RunConfig:
 
 
 def run(cfg: DictConfig) -> float:
-    """Run one experiment and return its objective (``cfg.objective``) for Hydra sweepers."""
+    """Run one experiment and return its objective (``cfg.objective``) for Hydra sweepers.
+
+    A write that fails for lack of space or permission, wherever it happens, ends as one
+    StorageError naming the folder (the MLflow run, if open, is already marked FAILED).
+    """
+    try:
+        return _run(cfg)
+    except RunnerError:
+        raise
+    except Exception as err:  # noqa: BLE001 - only storage faults are converted; the rest propagate as they are
+        if (converted := storage_error(err)) is None:
+            raise
+        raise converted from None
+
+
+def _run(cfg: DictConfig) -> float:
     job = job_context()
     run_cfg = _localise(to_run_config(cfg), job)
     experiment_id = open_store(
@@ -92,6 +131,7 @@ def run(cfg: DictConfig) -> float:
         "dataset": run_cfg.dataset.name,
         "dataset_fingerprint": data.fingerprint,
         "skipped_images": len(data.skipped),
+        "output_dir": str(job.output_dir),  # this run's checkpoints and logs on its machine
         **({"sweep_job": job.job_num} if job.sweep else {}),
     }
     params = {
@@ -105,7 +145,7 @@ def run(cfg: DictConfig) -> float:
         "threads": run_cfg.trainer.num_threads,
     }
     name = run_cfg.tracking.run_name or " ".join([run_cfg.model.name, *job.overrides])
-    spec = RunSpec(experiment_id, name, tags, params, job.overrides, job.sweep, run_cfg.resume)
+    spec = RunSpec(experiment_id, name, tags, params, job.overrides, job.sweep, job.sweep_parent, run_cfg.resume)
     interrupt.check()  # stopped while the data loaded: no run to open
     resume_from = prepare_resume(cfg, run_cfg.resume, job.output_dir / "resume") if run_cfg.resume else None
     with start_run(cfg, spec, job.output_dir) as tracker:

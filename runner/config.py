@@ -10,6 +10,7 @@ into these objects.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -26,13 +27,49 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
-def _positive(key: str, value: float | int) -> None:
-    _require(value > 0, key, f"must be > 0, got {value}. Set it on the command line, e.g. {key}=1")
+def _check(ok: bool, key: str, valid: str, value: object, example: object) -> None:
+    """The range error every key gives: what is valid, what was given, and a setting that works."""
+    _require(ok, key, f"must be {valid}, got {value!r}. Set e.g. {key}={example}")
 
 
-def _fraction(key: str, value: float, low_open: bool = False) -> None:
+def _positive(key: str, value: float, example: object, why: str = "") -> None:
+    finite = "" if isinstance(value, int) else " and finite"
+    _check(math.isfinite(value) and value > 0, key, f"> 0{finite}{why}", value, example)
+
+
+def _non_negative(key: str, value: float, example: object, meaning: str = "") -> None:
+    _check(value >= 0, key, f">= 0{meaning}", value, example)  # NaN fails too; inf means no limit
+
+
+def _fraction(key: str, value: float, example: object, low_open: bool = False) -> None:
     ok = (0.0 < value < 1.0) if low_open else (0.0 <= value < 1.0)
-    _require(ok, key, f"must be in {'(0' if low_open else '[0'}, 1), got {value}")
+    _check(ok, key, f"in {'(0' if low_open else '[0'}, 1)", value, example)
+
+
+def _int_range(key: str, value: int, low: int, high: int | None, example: object, unit: str = "", why: str = "") -> None:
+    ok = value >= low and (high is None or value <= high)
+    _check(ok, key, f">= {low}{unit}" + ("" if high is None else f" and <= {high}") + why, value, example)
+
+
+def _text(key: str, value: str | None, example: str, nullable: bool = False) -> None:
+    """A string key that is set must say something: an empty path or name means nothing."""
+    if value is not None:
+        _check(bool(value.strip()), key, "a non-empty string" + (" or null" if nullable else ""), value, example)
+
+
+def _seed(key: str, value: int, example: object) -> None:
+    _int_range(key, value, 0, SEED_MAX, example, why=" (2**32-1: NumPy and scikit-learn take no other seeds)")
+
+
+def _fixed(group: str, node: Any, key: str, options: str) -> None:
+    """A key the schema fixes (the class default): the schema decides what runs, so another value would only mislabel it."""
+    fixed = getattr(type(node), key)
+    valid = f"{fixed!r} (to run another {group}, choose {group}=<{options}>)"
+    _check(fixed == MISSING or getattr(node, key) == fixed, f"{group}.{key}", valid, getattr(node, key), fixed)
+
+
+SEED_MAX = 2**32 - 1
+MAX_IMAGE_SIZE = 4096  # 4096 x 4096 x 3 bytes is 48 MiB per decoded image, already past any use here
 
 
 @dataclass
@@ -51,18 +88,27 @@ class DatasetConfig:
     in_memory_gb: Optional[float] = None  # pixels above this are memory-mapped (None: half the machine's memory)
 
     def __post_init__(self) -> None:
-        _require(self.image_size >= 8, "dataset.image_size", f"must be >= 8 pixels, got {self.image_size}")
-        _fraction("dataset.val_fraction", self.val_fraction, low_open=True)
-        _fraction("dataset.test_fraction", self.test_fraction, low_open=True)
+        _fixed("dataset", self, "name", "synthetic_cracks|concrete_cracks|image_folder")
+        _text("dataset.path", self.path, "/data/cracks", nullable=True)
+        _int_range(
+            "dataset.image_size", self.image_size, 8, MAX_IMAGE_SIZE, 227, " pixels",
+            f" (images are decoded once at size x size: {MAX_IMAGE_SIZE} takes 48 MiB per image)",
+        )
+        _fraction("dataset.val_fraction", self.val_fraction, 0.15, low_open=True)
+        _fraction("dataset.test_fraction", self.test_fraction, 0.15, low_open=True)
         _require(
             self.val_fraction + self.test_fraction < 1.0,
             "dataset.val_fraction + dataset.test_fraction",
-            f"must leave images for training, got {self.val_fraction} + {self.test_fraction}",
+            f"must be < 1 to leave images for training, got {self.val_fraction} + {self.test_fraction}. "
+            "Set e.g. dataset.val_fraction=0.15 dataset.test_fraction=0.15",
         )
         if self.limit is not None:
-            _positive("dataset.limit", self.limit)
+            _positive("dataset.limit", self.limit, 200, " (images per class), or null for all")
+        _text("dataset.cache_dir", self.cache_dir, "data")
+        if self.decode_workers is not None:
+            _positive("dataset.decode_workers", self.decode_workers, 2, " (threads), or null for one per core")
         if self.in_memory_gb is not None:
-            _require(self.in_memory_gb >= 0, "dataset.in_memory_gb", f"must be >= 0 (0: always memory-mapped), got {self.in_memory_gb}")
+            _non_negative("dataset.in_memory_gb", self.in_memory_gb, 4, " GB (0: always memory-mapped), or null for half the memory")
 
 
 @dataclass
@@ -76,7 +122,9 @@ class SyntheticCracksConfig(DatasetConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _require(self.samples_per_class >= 3, "dataset.samples_per_class", f"must be >= 3, got {self.samples_per_class}")
+        _int_range("dataset.samples_per_class", self.samples_per_class, 3, None, 500, why=" (a train/val/test split needs 3 per class)")
+        _int_range("dataset.source_size", self.source_size, 16, MAX_IMAGE_SIZE, 227, " pixels", " (the size the generator draws at)")
+        _seed("dataset.seed", self.seed, 0)
 
 
 @dataclass
@@ -87,6 +135,13 @@ class ConcreteCracksConfig(DatasetConfig):
     url: str = MISSING
     sha256: Optional[str] = None
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check("://" in self.url, "dataset.url", "a URL such as https://... or file:///...", self.url, "file:///data/cracks.zip")
+        if self.sha256 is not None:
+            hex64 = len(self.sha256) == 64 and all(c in "0123456789abcdefABCDEF" for c in self.sha256)
+            _check(hex64, "dataset.sha256", "64 hexadecimal digits (sha256sum's output) or null", self.sha256, "null")
+
 
 @dataclass
 class ImageFolderConfig(DatasetConfig):
@@ -94,6 +149,10 @@ class ImageFolderConfig(DatasetConfig):
 
     name: str = "image_folder"
     path: Optional[str] = MISSING
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.path is not None, "dataset.path", "the folder of class sub-folders (not null)", self.path, "/data/cracks")
 
 
 @dataclass
@@ -104,11 +163,8 @@ class ModelConfig:
     framework: str = MISSING
 
     def __post_init__(self) -> None:
-        _require(
-            self.framework in ("torch", "keras"),
-            "model.framework",
-            f"must be 'torch' or 'keras', got {self.framework!r}",
-        )
+        _fixed("model", self, "name", "linear|resnet50|vgg16")
+        _fixed("model", self, "framework", "linear|resnet50|vgg16")
 
 
 @dataclass
@@ -131,8 +187,10 @@ class KerasBackboneConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _require(self.head_units >= 0, "model.head_units", f"must be >= 0 (0 = no hidden layer), got {self.head_units}")
-        _fraction("model.dropout", self.dropout)
+        _text("model.weights", self.weights, "imagenet", nullable=True)
+        _int_range("model.head_units", self.head_units, 0, None, 256, why=" (0 = no hidden layer)")
+        _fraction("model.dropout", self.dropout, 0.5)
+        _int_range("model.min_image_size", self.min_image_size, 32, None, 32, " pixels", " (keras.applications bases refuse smaller inputs)")
 
 
 @dataclass
@@ -142,8 +200,9 @@ class OptimizerConfig:
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
-        _positive("optimizer.lr", self.lr)
-        _require(self.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _fixed("optimizer", self, "name", "sgd|adam")
+        _positive("optimizer.lr", self.lr, 0.01)
+        _check(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "optimizer.weight_decay", "a finite number >= 0", self.weight_decay, 0)
 
 
 @dataclass
@@ -153,7 +212,7 @@ class SGDConfig(OptimizerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _fraction("optimizer.momentum", self.momentum)
+        _fraction("optimizer.momentum", self.momentum, 0.9)
 
 
 @dataclass
@@ -162,6 +221,11 @@ class AdamConfig(OptimizerConfig):
     lr: float = 0.001
     beta1: float = 0.9
     beta2: float = 0.999
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _fraction("optimizer.beta1", self.beta1, 0.9)
+        _fraction("optimizer.beta2", self.beta2, 0.999)
 
 
 PRECISIONS = ("32", "bf16-mixed")  # trainer.precision: Lightning's names
@@ -184,13 +248,14 @@ class TrainerConfig:
     feature_cache_gb: float = 10.0  # least recently used entries beyond this are deleted
 
     def __post_init__(self) -> None:
-        _positive("trainer.epochs", self.epochs)
-        _positive("trainer.fine_tune_epochs", self.fine_tune_epochs)
-        _positive("trainer.batch_size", self.batch_size)
+        _positive("trainer.epochs", self.epochs, 10)
+        _positive("trainer.fine_tune_epochs", self.fine_tune_epochs, 5)
+        _positive("trainer.batch_size", self.batch_size, 32)
         if self.num_threads is not None:
-            _positive("trainer.num_threads", self.num_threads)
-        _require(self.precision in PRECISIONS, "trainer.precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        _require(self.feature_cache_gb >= 0, "trainer.feature_cache_gb", f"must be >= 0 (gigabytes kept between runs), got {self.feature_cache_gb}")
+            _positive("trainer.num_threads", self.num_threads, 2, " (threads), or null for all cores")
+        _check(self.precision in PRECISIONS, "trainer.precision", f"one of {', '.join(PRECISIONS)}", self.precision, 32)
+        _text("trainer.feature_cache_dir", self.feature_cache_dir, "data/features")
+        _non_negative("trainer.feature_cache_gb", self.feature_cache_gb, 10, " (gigabytes kept between runs)")
 
 
 @dataclass
@@ -199,6 +264,12 @@ class TrackingConfig:
     experiment: str = "crack-classification"
     artifact_root: str = "mlruns"
     run_name: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _text("tracking.uri", self.uri, "sqlite:///mlflow.db")
+        _text("tracking.experiment", self.experiment, "crack-classification")
+        _text("tracking.artifact_root", self.artifact_root, "mlruns")
+        _text("tracking.run_name", self.run_name, "baseline", nullable=True)
 
 
 @dataclass
@@ -231,22 +302,20 @@ class RunConfig:
                 "resume",
                 f"continuing an interrupted run works for model=linear only; start the model={self.model.name} run anew.",
             )
+        _seed("seed", self.seed, 42)
+        _text("resume", self.resume, "null", nullable=True)
         if self.fine_tune_lr is not None:
-            _positive("fine_tune_lr", self.fine_tune_lr)
+            _positive("fine_tune_lr", self.fine_tune_lr, 1e-5)
         if self.freeze_depth is not None:
-            _require(self.freeze_depth >= 0, "freeze_depth", f"must be >= 0 or null, got {self.freeze_depth}")
+            _int_range("freeze_depth", self.freeze_depth, 0, None, "null", why=", or null (the whole base frozen)")
         if isinstance(self.model, KerasBackboneConfig):
             _require(
                 self.dataset.image_size >= self.model.min_image_size,
                 "dataset.image_size",
                 f"model={self.model.name} needs at least {self.model.min_image_size} pixels, "
-                f"got {self.dataset.image_size}. Use e.g. dataset.image_size=224",
+                f"got {self.dataset.image_size}. Set e.g. dataset.image_size=224",
             )
-        _require(
-            self.objective in OBJECTIVES,
-            "objective",
-            f"must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}",
-        )
+        _check(self.objective in OBJECTIVES, "objective", f"one of {', '.join(OBJECTIVES)}", self.objective, "val_accuracy")
 
 
 # Metrics a sweeper may optimise; all are maximised except those in MINIMISED.

@@ -8,9 +8,16 @@ rerun with more epochs or the test split's predictions read an entry instead of 
 layers again, and a change of weights, cut, image size, data or split makes a new entry,
 never a stale read.
 
-Layout: ``<trainer.feature_cache_dir>/<layers key>/<pixels key>.npy``, float32 as the layers
-compute it, memory-mapped when read. Before an entry is written, the least recently used
+Layout: ``<trainer.feature_cache_dir>/<layers key>/<pixels key>-<checksum>.npy``, float32 as the
+layers compute it, memory-mapped when read. Before an entry is written, the least recently used
 entries of other runs are deleted to keep the folder under ``trainer.feature_cache_gb``.
+
+An entry is trained on only if its bytes match the checksum in its name (datasets.integrity,
+checked once per run: about 0.6 s per 1.5 GB here), so a damaged or cut-short one is
+computed anew with a warning, never read. Entries are written under a ``.partial`` name with
+their space reserved and renamed into place when complete, then never changed: a complete one
+is read without a lock (a read-only store works), and a full or read-only disk while writing
+means training through the layers, as when the disk is known up front to be too small.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import tensorflow as tf
 from filelock import FileLock
 from tqdm import tqdm
 
+from datasets import integrity
 from runner import interrupt
 
 log = logging.getLogger(__name__)
@@ -91,30 +99,64 @@ class FeatureStore:
         self.keys: dict[int, tuple[keras.Model, str, tf.types.experimental.PolymorphicFunction]] = {}
         # id(images) -> (the array, its pixels key): a fine-tune run's second phase asks for the same splits
         self.pixel_keys: dict[int, tuple[np.ndarray, str]] = {}
+        self.intact: dict[tuple[Path, int], bool] = {}  # (entry, inode) -> whether its bytes match its checksum
 
     def features(self, frozen: keras.Model, images: np.ndarray, name: str) -> np.ndarray | None:
         """What ``frozen`` computes for each image, read from the store or computed and stored now.
 
-        None when the disk cannot hold it: the caller then runs the layers as part of the model.
+        None when the disk cannot hold it or take the write: the caller then runs the layers as part of the model.
         """
         if id(frozen) not in self.keys:  # once per model: hashing the weights takes a moment, tracing too
             self.keys[id(frozen)] = frozen, layers_key(frozen), inference_step(frozen)
         _, key, step = self.keys[id(frozen)]
         if id(images) not in self.pixel_keys:
             self.pixel_keys[id(images)] = images, pixels_key(images)
-        path = self.root / key / f"{self.pixel_keys[id(images)][1]}.npy"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        folder, stem = self.root / key, self.pixel_keys[id(images)][1]
         shape = (len(images), *frozen.outputs[0].shape[1:])
-        with FileLock(f"{path}.lock"):  # parallel sweep jobs compute an entry once
-            if path.exists():
-                os.utime(path)  # recently used: evicted last
-                log.info("frozen features: %s (%d images) read from %s", name, len(images), path)
-            elif not self._write(step, images, path, shape, name):
+        path = self._find(folder, stem, name, len(images))
+        if path is None:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                with FileLock(str(folder / f"{stem}.lock")):  # parallel sweep jobs compute an entry once
+                    path = self._find(folder, stem, name, len(images)) or self._write(step, images, folder, stem, shape, name)
+            except OSError as err:  # a disk that filled up, or a read-only store
+                log.warning(
+                    "frozen features: could not store the %s images' output in %s (%s); training through the frozen layers "
+                    "every epoch instead (free space, or set trainer.feature_cache_dir to a writable folder)",
+                    name, folder, err.strerror or err,
+                )
+                return None
+            if path is None:
                 return None
         self.in_use.add(path)
         return np.load(path, mmap_mode="r")
 
-    def _write(self, step: tf.types.experimental.PolymorphicFunction, images: np.ndarray, path: Path, shape: tuple[int, ...], name: str) -> bool:
+    def _find(self, folder: Path, stem: str, name: str, count: int) -> Path | None:
+        """The entry of these pixels whose bytes match its checksum, marked recently used (evicted last), or None."""
+        for path in sorted(folder.glob(f"{stem}-*.npy")):
+            with contextlib.suppress(FileNotFoundError):  # evicted by another job meanwhile
+                if self._intact(path):
+                    with contextlib.suppress(OSError):  # a read-only store: used all the same
+                        os.utime(path)
+                    log.info("frozen features: %s (%d images) read from %s", name, count, path)
+                    return path
+        return None
+
+    def _intact(self, path: Path) -> bool:
+        """Whether the entry's bytes match the checksum in its name: checked once per run (again if the file is replaced)."""
+        identity = (path, path.stat().st_ino)
+        if identity not in self.intact:
+            self.intact[identity] = integrity.file_checksum(path) == path.stem.rpartition("-")[2]
+            if not self.intact[identity]:
+                log.warning("frozen features: %s is damaged (its bytes differ from the checksum in its name); computing it anew", path)
+        return self.intact[identity]
+
+    def _write(
+        self, step: tf.types.experimental.PolymorphicFunction, images: np.ndarray, folder: Path, stem: str, shape: tuple[int, ...], name: str
+    ) -> Path | None:
+        """Compute and publish the entry (under its lock); None, with a warning, when the disk has no room for it."""
+        for damaged in folder.glob(f"{stem}-*.npy"):  # under the lock none is intact (see features): never read again
+            damaged.unlink()
         size = math.prod(shape) * 4
         self._make_room(size)
         free = shutil.disk_usage(self.root).free
@@ -124,24 +166,26 @@ class FeatureStore:
                 "training through the frozen layers every epoch instead (or free space, or set trainer.feature_cache_dir)",
                 size / 1e9, name, free / 1e9, self.root,
             )
-            return False
+            return None
         start = time.perf_counter()
-        partial = path.with_name(f"{path.stem}.partial.npy")  # a killed run leaves no entry that looks whole
-        out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=shape)
+        partial = folder / f"{stem}.partial.npy"  # a killed run leaves no entry that looks whole
         try:
-            compute(step, images, out, self.batch_size, f"frozen layers: {name}", self.progress)
-            out.flush()
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
+            out = integrity.allocate_npy(partial, np.float32, shape)  # a disk filled meanwhile fails here, not with SIGBUS part-way
+            try:
+                compute(step, images, out, self.batch_size, f"frozen layers: {name}", self.progress)
+                out.flush()
+            finally:
+                del out
+            path = folder / f"{stem}-{integrity.file_checksum(partial)}.npy"
+            os.replace(partial, path)
         finally:
-            del out
-        os.replace(partial, path)
+            partial.unlink(missing_ok=True)
+        self.intact[(path, path.stat().st_ino)] = True
         log.info(
             "frozen features: %s, %d images through the frozen layers in %.1f s (%s floats each, %.2f GB in %s)",
             name, len(images), time.perf_counter() - start, "x".join(map(str, shape[1:])), size / 1e9, path,
         )
-        return True
+        return path
 
     def _make_room(self, size: int) -> None:
         """Delete the least recently used entries not in use here until ``size`` more bytes fit under the limit."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -197,8 +198,10 @@ def save_checkpoint(
         "shuffle_rng": shuffle.get_state(),
         "torch_rng": torch.get_rng_state(),
     }
+    buffer = io.BytesIO()  # serialised first: torch turns a failed file write into an opaque RuntimeError
+    torch.save(state, buffer)
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        tmp.write_bytes(buffer.getbuffer())
 
 
 def load_checkpoint(

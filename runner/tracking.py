@@ -17,14 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import requests
 import numpy as np
 from mlflow.entities import RunStatus
 from mlflow.models import infer_signature
 from omegaconf import DictConfig, OmegaConf
 
-from runner.errors import ConfigError
-from runner.files import absolute_path
+from runner import interrupt
+from runner.errors import ConfigError, StorageError
+from runner.store import absolute_tracking_uri, process_tags
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +34,10 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 class Tracker:
     """Logs to one active MLflow run and keeps the epoch history for plots and the summary."""
 
-    def __init__(self, run_id: str, output_dir: Path) -> None:
+    def __init__(self, run_id: str, output_dir: Path, artifact_uri: str = "") -> None:
         self.run_id = run_id
         self.output_dir = output_dir
+        self.artifact_uri = artifact_uri
         self.history: list[dict[str, Any]] = []
         self.model_uri: str | None = None
         self.model_metadata: dict[str, Any] = {}  # saved in the MLmodel file, e.g. class names
@@ -57,6 +58,16 @@ class Tracker:
         """Forget epochs after ``step``: a resumed run repeats what its last checkpoint did not hold."""
         self.history = [h for h in self.history if h["step"] <= step]
 
+    @contextmanager
+    def writing_artifacts(self) -> Iterator[None]:
+        """Name the run's artifact folder in a failed write: MLflow's copies raise OSErrors without a file name."""
+        try:
+            yield
+        except OSError as err:
+            if err.filename is None and self.artifact_uri.startswith("file:"):
+                raise OSError(err.errno, err.strerror, self.artifact_uri.removeprefix("file://")) from err
+            raise
+
     def log_metrics(self, metrics: Mapping[str, float]) -> None:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
 
@@ -67,14 +78,17 @@ class Tracker:
         mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        mlflow.log_artifact(str(path), artifact_path)
+        with self.writing_artifacts():
+            mlflow.log_artifact(str(path), artifact_path)
 
     def log_json(self, data: Any, name: str) -> None:
-        mlflow.log_dict(data, name)
+        with self.writing_artifacts():
+            mlflow.log_dict(data, name)
 
     def log_figure(self, figure: Any, name: str) -> None:
         # zlib level 1: PNGs a little larger, written several times faster (level 6 took ~0.15 s a plot)
-        mlflow.log_figure(figure, name, save_kwargs={"pil_kwargs": {"compress_level": 1}})
+        with self.writing_artifacts():
+            mlflow.log_figure(figure, name, save_kwargs={"pil_kwargs": {"compress_level": 1}})
 
     def log_model(
         self,
@@ -96,14 +110,15 @@ class Tracker:
 
         module = importlib.import_module(f"mlflow.{flavor}")
         signature = infer_signature(example, predict(example))
-        info = module.log_model(
-            model,
+        with self.writing_artifacts():
+            info = module.log_model(
+                model,
             name="model",
-            signature=signature,
-            metadata=self.model_metadata or None,
-            pip_requirements=requirements,
-            **flavor_kwargs,
-        )
+                signature=signature,
+                metadata=self.model_metadata or None,
+                pip_requirements=requirements,
+                **flavor_kwargs,
+            )
         self.model_uri = info.model_uri
         self.set_tags({"model_uri": info.model_uri})
         return info.model_uri
@@ -146,57 +161,6 @@ RESUME_MAY_DIFFER = frozenset(
 )
 
 
-def find_sweep_parent(client: mlflow.MlflowClient, experiment: str, sweep: str) -> str | None:
-    """The run id of a sweep's parent run (made by runner.sweep in the launching process), if any."""
-    runs = client.search_runs(
-        [experiment],
-        filter_string=f"tags.sweep_id = '{sweep}' AND tags.sweep_role = '{SWEEP_PARENT_ROLE}'",
-        max_results=1,
-    )
-    return runs[0].info.run_id if runs else None
-
-
-def absolute_tracking_uri(uri: str) -> str:
-    """``sqlite:///mlflow.db`` made absolute, so every job of a sweep writes to the same store."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + absolute_path(uri[len(prefix) :]).as_posix()
-    return uri
-
-
-def experiment_id(uri: str, name: str, artifact_root: str) -> str:
-    """Get or create the experiment; local stores keep its artifacts under ``artifact_root``."""
-    client = mlflow.MlflowClient(uri)
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
-    location = absolute_path(artifact_root).as_uri() if local else None
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel sweep job
-        return client.get_experiment_by_name(name).experiment_id
-
-
-def open_store(uri: str, experiment: str, artifact_root: str) -> str:
-    """Point MLflow at ``uri`` and return the experiment id; a store that cannot be used is a ConfigError.
-
-    Called before the data is loaded, so a wrong tracking.uri fails in seconds, and a
-    server that does not answer fails at once instead of after MLflow's minutes of retries.
-    """
-    hint = "Start the server, or use a local store: tracking.uri=sqlite:///mlflow.db"
-    if uri.startswith(("http://", "https://")):
-        try:
-            requests.get(f"{uri.rstrip('/')}/health", timeout=10).raise_for_status()
-        except requests.RequestException as err:
-            raise ConfigError(f"tracking.uri={uri} does not answer ({type(err).__name__}: {err}). {hint}") from None
-    mlflow.set_tracking_uri(uri)
-    try:
-        return experiment_id(uri, experiment, artifact_root)
-    except Exception as err:  # noqa: BLE001 - sqlalchemy/OS/MLflow errors all mean the same to the user
-        raise ConfigError(f"tracking.uri={uri} cannot be used: {type(err).__name__}: {str(err)[:300]}. {hint}") from None
-
-
 def prepare_resume(cfg: DictConfig, run_id: str, into: Path) -> Path:
     """Check that run ``run_id`` can be continued with ``cfg`` and download its checkpoints into ``into``."""
     uri = absolute_tracking_uri(cfg.tracking.uri)
@@ -234,7 +198,8 @@ class RunSpec:
     tags: Mapping[str, Any]
     params: Mapping[str, Any]
     overrides: list[str]
-    sweep: str | None = None  # nest under this sweep's parent run
+    sweep: str | None = None  # the sweep this job belongs to (its id, tagged on the run)
+    sweep_parent: str | None = None  # the sweep's parent run, which this run nests under
     resume: str | None = None  # reopen this interrupted run instead of starting one
 
 
@@ -247,13 +212,16 @@ def start_run(cfg: DictConfig, spec: RunSpec, output_dir: Path) -> Iterator[Trac
     commit = git_commit()
     tags = {"git_commit": commit, "mlflow.source.git.commit": commit, "overrides": " ".join(spec.overrides), **spec.tags}
     if spec.sweep is not None:
-        parent = find_sweep_parent(mlflow.MlflowClient(), spec.experiment_id, spec.sweep)
-        tags.update({"sweep_id": spec.sweep, **({"mlflow.parentRunId": parent} if parent else {})})
+        tags["sweep_id"] = spec.sweep
+    if spec.sweep_parent is not None:
+        tags["mlflow.parentRunId"] = spec.sweep_parent
     if spec.resume is None:
-        active = mlflow.start_run(experiment_id=spec.experiment_id, run_name=spec.name[:250], tags={k: str(v) for k, v in tags.items()})
+        active = mlflow.start_run(experiment_id=spec.experiment_id, run_name=spec.name[:250], tags={k: str(v) for k, v in {**tags, **process_tags()}.items()})
     else:
         active = mlflow.start_run(run_id=spec.resume)
-    tracker = Tracker(active.info.run_id, output_dir)
+        mlflow.set_tags(process_tags())  # the run now lives in this process
+    tracker = Tracker(active.info.run_id, output_dir, active.info.artifact_uri)
+    interrupt.opened_run(tracker.run_id)  # so a stop's message can say which run it ended
     status = RunStatus.to_string(RunStatus.FAILED)
     try:
         if spec.resume is None:
@@ -270,5 +238,23 @@ def start_run(cfg: DictConfig, spec: RunSpec, output_dir: Path) -> Iterator[Trac
         log.error("run %s interrupted; continue it with: resume=%s (and the same overrides)", tracker.run_id, tracker.run_id)
         raise
     finally:
+        _end_run(tracker.run_id, status)
+
+
+def _end_run(run_id: str, status: str) -> None:
+    """Close the active run with ``status``; if the store cannot take even that (a full disk), say so.
+
+    Raised only when the run itself succeeded: after a failure the first error is the one to
+    report. A run left RUNNING this way is marked KILLED by the next run on this host that
+    opens the store, once this process has ended.
+    """
+    try:
         mlflow.end_run(status)
-        log.info("MLflow run %s ended %s", tracker.run_id, status)
+    except Exception as err:  # noqa: BLE001 - any store error: the run could not be closed
+        log.error("MLflow run %s could not be marked %s (%s: %s); the next run on this host marks it KILLED",
+                  run_id, status, type(err).__name__, str(err)[:300])
+        if status == RunStatus.to_string(RunStatus.FINISHED):
+            raise StorageError(f"the tracking store could not record the end of run {run_id}: {str(err)[:300]}. "
+                               "Free space where tracking.uri points, then check the run in the UI.") from None
+        return
+    log.info("MLflow run %s ended %s", run_id, status)

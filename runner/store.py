@@ -1,0 +1,232 @@
+"""Open an MLflow tracking store that any number of processes share, and fail fast when it cannot be used.
+
+Three things go wrong with a store before a single metric is logged, and each is handled here:
+
+- A new sqlite store is created by MLflow's migrations in the first process that opens it;
+  two processes doing that at once leave it half-migrated. :func:`open_store` creates and
+  checks it under an inter-process lock beside the database file, and a store damaged by an
+  old crash gets a message with the fix instead of a SQLAlchemy traceback.
+- A store, an artifact folder or a server that cannot be written is found in seconds, before
+  the data loads, with the folder and what it needs named.
+- A run whose process died (SIGKILL, the out-of-memory killer, a power cut) stays RUNNING
+  forever. Every run records where it runs (:func:`process_tags`); opening the store marks
+  RUNNING runs of this host whose process is gone as KILLED and says how to resume them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import sqlite3
+import time
+from pathlib import Path
+
+import mlflow
+import requests
+from filelock import FileLock, Timeout
+
+from runner.errors import ConfigError, StorageError
+from runner.files import absolute_path, check_writable
+
+log = logging.getLogger(__name__)
+
+NEW_STORE_MB = 2  # what MLflow's migrations of an empty sqlite store write, rounded up
+LOCK_TIMEOUT_S = 300  # creating a store takes seconds; a lock held longer means a hung process
+HOST_TAG, PROCESS_TAG, STARTED_TAG = "runner.host", "runner.pid", "runner.started"
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """``sqlite:///mlflow.db`` made absolute, so every job of a sweep writes to the same store."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + absolute_path(uri[len(prefix) :]).as_posix()
+    return uri
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (absolute), or None for other stores."""
+    prefix = "sqlite:///"
+    return Path(absolute_tracking_uri(uri)[len(prefix) :]) if uri.startswith(prefix) else None
+
+
+class _OneLine(logging.Filter):
+    """MLflow logs a failed database write with two chained tracebacks before raising it; the runner
+    reports the error itself (runner.errors.storage_error), so keep only the first line of MLflow's."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = record.getMessage().splitlines()[0], None
+        record.exc_info = record.exc_text = None
+        return True
+
+
+logging.getLogger("mlflow.store.db.utils").addFilter(_OneLine())
+
+
+def open_store(uri: str, experiment: str, artifact_root: str) -> str:
+    """Point MLflow at ``uri`` and return the experiment id; a store that cannot be used is a clear error.
+
+    Called before the data is loaded, so a wrong tracking.uri fails in seconds, and a server
+    that does not answer fails at once instead of after MLflow's minutes of retries.
+    """
+    if uri.startswith(("http://", "https://")):
+        try:
+            requests.get(f"{uri.rstrip('/')}/health", timeout=10).raise_for_status()
+        except requests.RequestException as err:
+            raise ConfigError(
+                f"tracking.uri={uri} does not answer ({type(err).__name__}: {err}). "
+                "Start the server, or use a local store: tracking.uri=sqlite:///mlflow.db"
+            ) from None
+    database = sqlite_file(uri)
+    if database is not None:
+        _open_sqlite(database, uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        exp_id = experiment_id(uri, experiment, artifact_root)
+        artifacts = mlflow.MlflowClient(uri).get_experiment(exp_id).artifact_location
+    except Exception as err:  # noqa: BLE001 - sqlalchemy/OS/MLflow errors all mean the same to the user
+        raise ConfigError(
+            f"tracking.uri={uri} cannot be used: {type(err).__name__}: {str(err)[:300]}. "
+            "Check the URI, or use a local store: tracking.uri=sqlite:///mlflow.db"
+        ) from None
+    if artifacts.startswith("file:") or "://" not in artifacts:
+        check_writable(Path(artifacts.removeprefix("file://")), "the artifact folder", "tracking.artifact_root (new experiments)")
+    close_dead_runs(uri, exp_id)
+    return exp_id
+
+
+def experiment_id(uri: str, name: str, artifact_root: str) -> str:
+    """Get or create the experiment; local stores keep its artifacts under ``artifact_root``."""
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
+    location = absolute_path(artifact_root).as_uri() if local else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel job
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def _open_sqlite(database: Path, uri: str) -> None:
+    """Create or check the sqlite store under a lock, so concurrent first opens never race its migrations."""
+    check_writable(database.parent, "the tracking store's folder", "tracking.uri")
+    if database.exists() and not os.access(database, os.R_OK | os.W_OK):
+        raise StorageError(f"the tracking store {database} cannot be read and written. Fix its permissions or set tracking.uri.")
+    try:
+        with FileLock(f"{database}.lock", timeout=LOCK_TIMEOUT_S):
+            if not database.exists() or database.stat().st_size == 0:
+                _create_sqlite(database)
+            damage = _damage(database)
+    except Timeout:
+        raise StorageError(
+            f"the tracking store {database} stayed locked by another process for {LOCK_TIMEOUT_S} s ({database}.lock). "
+            "If no other run is starting, a process hung while creating it: stop it, or delete the lock file."
+        ) from None
+    if damage:
+        raise StorageError(
+            f"the tracking store {database} was left half-made by a process that crashed while creating or "
+            f"upgrading it ({damage}). Keep a copy (cp {database} {database}.bak), then either delete it if it holds "
+            f"no runs you need (the next run makes a new one), or drop the leftover tables and finish the upgrade: "
+            f"`mlflow db upgrade {uri}`."
+        )
+
+
+def _create_sqlite(database: Path) -> None:
+    """Make a new store by MLflow's migrations in a hidden sibling, moved into place only when complete,
+    so a crash or a full disk mid-way never leaves a half-made store at ``database``."""
+    making = database.with_name(f".{database.name}.making")
+    making.unlink(missing_ok=True)  # left by a process killed while making it
+    try:
+        store = mlflow.MlflowClient(f"sqlite:///{making}")._tracking_client.store
+        store.engine.dispose()
+        os.replace(making, database)
+    except Exception as err:  # noqa: BLE001 - whatever failed, nothing half-made stays
+        making.unlink(missing_ok=True)
+        free = shutil.disk_usage(database.parent).free
+        raise StorageError(
+            f"the tracking store {database} could not be created ({type(err).__name__}: {str(err).splitlines()[0][:200]}; "
+            f"{free / 2**20:.1f} MB free there, a new store needs about {NEW_STORE_MB} MB). "
+            "Free space there, or set tracking.uri to another place."
+        ) from None
+
+
+def _damage(database: Path) -> str | None:
+    """What is wrong with an existing store's schema (leftover migration tables, an old version), or None."""
+    if not database.exists() or database.stat().st_size == 0:
+        return None
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    try:
+        with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            version = db.execute("SELECT version_num FROM alembic_version").fetchone() if "alembic_version" in tables else None
+    except sqlite3.DatabaseError as err:
+        return f"not a readable sqlite database: {err}"
+    leftovers = sorted(t for t in tables if t.startswith("_alembic_tmp_"))
+    if leftovers:
+        return f"leftover tables {', '.join(leftovers)}"
+    if not tables:
+        return None
+    head = _get_latest_schema_revision()
+    if version is None or version[0] != head:
+        return f"schema version {version[0] if version else 'missing'}, expected {head}"
+    return None
+
+
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, with the boot's id), or None if it is gone.
+
+    A pid alone is reused by the system; the pair tells this process from a later one with its number.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        if not Path("/proc/self/stat").exists():  # no /proc (macOS): the pid alone
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return None
+            except PermissionError:
+                pass
+            return "?"
+        return None
+    return f"{boot}:{stat.rsplit(')', 1)[1].split()[19]}"
+
+
+def process_tags() -> dict[str, str]:
+    """Where this process runs, recorded on every run so a run whose process died can be found."""
+    return {
+        HOST_TAG: socket.gethostname(),
+        PROCESS_TAG: f"{os.getpid()}@{_process_start(os.getpid())}",
+        STARTED_TAG: time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def process_alive(tags: dict[str, str]) -> bool | None:
+    """Whether the process a run's tags name still runs: None when it ran on another host (cannot tell)."""
+    if tags.get(HOST_TAG) != socket.gethostname() or PROCESS_TAG not in tags:
+        return None
+    pid, _, start = tags[PROCESS_TAG].partition("@")
+    now = _process_start(int(pid))
+    return now is not None and (now == start or "?" in (now, start))
+
+
+def close_dead_runs(uri: str, exp_id: str) -> list[str]:
+    """Mark RUNNING runs of this host whose process is gone as KILLED; return their ids."""
+    client = mlflow.MlflowClient(uri)
+    closed = []
+    for run in client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
+        if process_alive(run.data.tags) is False:
+            client.set_terminated(run.info.run_id, "KILLED")
+            closed.append(run.info.run_id)
+            log.warning(
+                "run %s (%s) was left RUNNING by process %s, which is gone: marked KILLED. Continue it with: "
+                "python -m runner resume=%s (and its overrides: %s)",
+                run.info.run_id, run.info.run_name, run.data.tags[PROCESS_TAG], run.info.run_id,
+                run.data.tags.get("overrides", ""),
+            )
+    return closed

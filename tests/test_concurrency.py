@@ -1,0 +1,106 @@
+"""Many processes on one store and one folder at once: every run recorded, nothing shared by mistake."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from conftest import TINY
+
+pytestmark = pytest.mark.slow
+
+
+def start(store: dict, data_cache: Path, cwd: Path, *args: str) -> subprocess.Popen:
+    """``python -m runner`` in the background against the tmp store (flags such as -m first)."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"], "CRACK_RUNNER_DATA": str(data_cache)}
+    flags = [a for a in args if a.startswith("-")]
+    rest = [a for a in args if not a.startswith("-")]
+    cmd = [sys.executable, "-m", "runner", *flags, *TINY, f"tracking.artifact_root={store['artifacts']}", *rest]
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(procs: list[subprocess.Popen]) -> list[str]:
+    """Wait for every process; assert each succeeded; return their stderr."""
+    errs = []
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+        errs.append(err)
+    return errs
+
+
+def all_runs(uri: str) -> list:
+    client = mlflow.MlflowClient(uri)
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def test_runs_started_together_on_a_new_store_and_one_folder_are_all_recorded_apart(store, data_cache, tmp_path, cli):
+    assert cli("trainer.epochs=1").returncode == 0  # the data cache exists: the three start training together
+    Path(store["uri"].removeprefix("sqlite:///")).unlink()
+    Path(store["artifacts"]).rename(tmp_path / "old-artifacts")
+    same_folder = f"hydra.run.dir={tmp_path / 'outputs' / 'same'}"  # as if all started in the same second
+    finish([start(store, data_cache, tmp_path, same_folder, f"seed={seed}") for seed in (1, 2, 3)])
+
+    runs = all_runs(store["uri"])
+    assert sorted(r.data.params["seed"] for r in runs) == ["1", "2", "3"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    folders = {r.data.tags["output_dir"] for r in runs}
+    assert len(folders) == 3  # each run its own folder for checkpoints
+    for folder in folders:
+        assert (Path(folder) / "checkpoints" / "last.pt").is_file()
+    with sqlite3.connect(store["uri"].removeprefix("sqlite:///")) as db:
+        tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+    assert not [t for t in tables if t.startswith("_alembic_tmp")]
+
+
+def test_sweeps_started_in_the_same_second_never_share_a_parent(store, data_cache, tmp_path):
+    same_folder = f"hydra.sweep.dir={tmp_path / 'multirun' / 'same'}"
+    finish([start(store, data_cache, tmp_path, "-m", same_folder, "optimizer.lr=0.1,0.01") for _ in range(2)])
+
+    runs = all_runs(store["uri"])
+    parents = [r for r in runs if r.data.tags.get("sweep_role") == "sweep_parent"]
+    jobs = [r for r in runs if r not in parents]
+    assert len(parents) == 2 and len(jobs) == 4
+    assert len({p.data.tags["sweep_id"] for p in parents}) == 2
+    for parent in parents:
+        mine = [j for j in jobs if j.data.tags["mlflow.parentRunId"] == parent.info.run_id]
+        assert len(mine) == 2 and {j.data.tags["sweep_id"] for j in mine} == {parent.data.tags["sweep_id"]}
+        assert parent.info.status == "FINISHED" and parent.data.metrics["jobs"] == 2
+    assert len({j.data.tags["output_dir"] for j in jobs}) == 4
+
+
+def test_a_store_left_half_made_gets_the_fix_not_a_traceback(store, tmp_path, cli):
+    assert cli("trainer.epochs=1").returncode == 0
+    with sqlite3.connect(store["uri"].removeprefix("sqlite:///")) as db:  # what a crash in a migration leaves
+        db.execute("CREATE TABLE _alembic_tmp_runs (run_uuid VARCHAR(32))")
+    started = time.monotonic()
+    result = cli("trainer.epochs=1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "_alembic_tmp_runs" in result.stderr and "mlflow db upgrade" in result.stderr
+    assert time.monotonic() - started < 60
+
+
+def test_a_run_whose_process_was_killed_is_closed_by_the_next_run(store, data_cache, tmp_path, cli):
+    proc = start(store, data_cache, tmp_path, "trainer.epochs=200")
+    deadline = time.monotonic() + 300
+    while not any(Path(store["artifacts"]).glob("*/artifacts/checkpoints/last.pt")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)  # no handler runs: the run stays RUNNING in the store
+    proc.wait(timeout=30)
+    (orphan,) = all_runs(store["uri"])
+    assert orphan.info.status == "RUNNING"
+    assert {"runner.host", "runner.pid", "runner.started"} <= set(orphan.data.tags)
+
+    result = cli("trainer.epochs=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert mlflow.MlflowClient(store["uri"]).get_run(orphan.info.run_id).info.status == "KILLED"
+    assert f"resume={orphan.info.run_id}" in result.stderr
