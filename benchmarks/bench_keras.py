@@ -38,19 +38,22 @@ import plain_keras  # noqa: E402
 from stages import PROFILE_HEADERS, bookkeeping_stages, compose_cfg, profile_rows, timed_run  # noqa: E402
 
 import datasets  # noqa: E402
-from runner import app, frozen_features, keras_trainer  # noqa: E402
-from models.keras_backbones import build, freeze, frozen_layer_count, split_frozen  # noqa: E402
-from runner.config import KerasBackboneConfig, register_schemas, to_run_config  # noqa: E402
+from runner import app, keras_trainer  # noqa: E402
+from models.keras_backbones import build, freeze, frozen_layer_count  # noqa: E402
+from runner.config import register_schemas, to_run_config  # noqa: E402
+from runner.epochs import Epochs  # noqa: E402
+from runner.precompute import store as feature_store  # noqa: E402
+from runner.precompute.cut import cut_after_frozen  # noqa: E402
 
 # What the runner spends its time on (see stages.py).
 STAGES = [
     (app.datasets, "load", "data: decode (cold cache) + split"),
     (keras_trainer, "build", "model build"),
-    (frozen_features, "compute", "frozen layers, once per image (train, val, test)"),
-    (frozen_features, "layers_key", "feature store: hashing weights"),
-    (frozen_features, "pixels_key", "feature store: hashing pixels"),
+    (feature_store, "compute", "frozen layers, once per image (train, val, test)"),
+    (feature_store, "layers_key", "feature store: hashing weights"),
+    (feature_store, "pixels_key", "feature store: hashing pixels"),
     (keras_trainer, "fit", "epochs: training + validation steps"),
-    (keras_trainer, "save_checkpoint", "checkpoint .keras each epoch"),
+    (Epochs, "end", "epoch end: checkpoint .keras, metrics, artifact"),
     *bookkeeping_stages(keras_trainer.KerasModel),
 ]
 
@@ -78,9 +81,9 @@ def runner_times(overrides: list[str]) -> dict[str, float]:
 def frozen_gflop(size: int, freeze_depth: int | None) -> tuple[str, float]:
     """The cut the runner makes and the GFLOP (2 x multiply-adds of convolutions and dense layers) of the frozen part per image."""
     keras = keras_trainer.keras
-    model, base = build(KerasBackboneConfig(name="resnet50", weights=None), (size, size, 3), 2)
+    model, base = build("resnet50", None, (size, size, 3), 2)
     freeze(base, frozen_layer_count(base, freeze_depth))
-    cut = split_frozen(model, base).cut
+    cut = cut_after_frozen(model, base).cut
     fresh = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(size, size, 3))  # one node per layer
     macs = 0
     for layer in fresh.layers:

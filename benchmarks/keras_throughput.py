@@ -21,7 +21,8 @@ from runner import keras_trainer  # noqa: I001  (first: it puts Keras on TensorF
 import numpy as np
 
 from models.keras_backbones import build, freeze, frozen_layer_count
-from runner.config import KerasBackboneConfig, SGDConfig
+from runner.config import SGDConfig
+from runner.precompute.tfdata import batch_rows, batches
 
 
 def images_per_second(step: Callable[[], object], images: int, repeats: int) -> float:
@@ -36,16 +37,16 @@ def images_per_second(step: Callable[[], object], images: int, repeats: int) -> 
 def measure(args: argparse.Namespace, freeze_depth: int | None) -> tuple[int, float, float]:
     """Frozen base layers, training and evaluation images/s of one model at one freeze_depth."""
     size = args.image_size
-    model, base = build(KerasBackboneConfig(name=args.model, weights=None), (size, size, 3), 2)
+    model, base = build(args.model, None, (size, size, 3), 2)
     frozen = frozen_layer_count(base, freeze_depth)
     freeze(base, frozen)
-    optimizer = SGDConfig()
+    optimizer = SGDConfig(lr=0.01)
     keras_trainer.compile_model(model, optimizer, optimizer.lr)
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (args.images, size, size, 3), dtype=np.uint8)
     labels = rng.integers(0, 2, args.images)
-    train = keras_trainer.batches(pixels, labels, keras_trainer.batch_rows(len(pixels), args.batch_size, shuffle_seed=0))
-    trained = keras_trainer.KerasModel(model, args.batch_size)
+    train = batches(pixels, labels, batch_rows(len(pixels), args.batch_size, shuffle_seed=0))
+    trained = keras_trainer.KerasModel(model, args.batch_size, history=[])
     training = images_per_second(lambda: model.fit(train, epochs=1, shuffle=False, verbose=0), args.images, args.repeats)
     evaluation = images_per_second(lambda: trained.predict_proba(pixels), args.images, args.repeats)
     return frozen, training, evaluation

@@ -34,7 +34,7 @@ def compose_cfg(overrides: list[str]) -> DictConfig:
 def bookkeeping_stages(model_class: type) -> list[Stage]:
     """The stages after the data and the epochs that every trainer shares: MLflow logging, test evaluation, model export."""
     return [
-        (Tracker, "log_epoch", "MLflow: epoch metrics"),
+        (Tracker, "log_metrics", "MLflow: metrics"),
         (Tracker, "log_artifact", "MLflow: artifact uploads (checkpoints)"),
         (model_class, "predict_proba", "test predictions"),
         (app, "evaluate_and_log", "test metrics, plots, JSON"),

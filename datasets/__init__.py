@@ -20,7 +20,7 @@ from datasets.decoded import load_decoded, load_mapped, memory_budget
 from datasets.folder import decode_images, fingerprint, limit_per_class, scan
 from datasets.integrity import digest_index
 from datasets.split import stratified_split
-from runner.errors import DataError
+from datasets.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from filelock import FileLock
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 from tqdm import tqdm
 
-from runner import interrupt
-from runner.errors import DataError
+from datasets import stopping
+from datasets.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def class_root(folder: Path) -> Path:
     retry=retry_if_exception_type((urllib.error.URLError, TimeoutError, ConnectionError)),
     stop=stop_after_attempt(3),
     wait=wait_exponential(min=1, max=10),
-    sleep=interrupt.sleep,  # Ctrl-C during a back-off stops it, not after it
+    sleep=stopping.sleep,  # Ctrl-C during a back-off stops it, not after it
     reraise=True,
 )
 def _fetch(url: str, part: Path, progress: bool) -> None:
@@ -79,7 +79,7 @@ def _fetch(url: str, part: Path, progress: bool) -> None:
             while chunk := response.read1(1 << 20):
                 out.write(chunk)
                 bar.update(len(chunk))
-                interrupt.check()
+                stopping.check()
 
 
 def _download(url: str, archive: Path, progress: bool) -> None:
@@ -105,7 +105,7 @@ def _verify(archive: Path, sha256: str) -> None:
     with archive.open("rb") as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
-            interrupt.check()
+            stopping.check()
     if digest.hexdigest() != sha256.lower():
         raise DataError(
             f"{archive} has sha256 {digest.hexdigest()}, expected dataset.sha256={sha256}. The download is corrupt or "
@@ -125,7 +125,7 @@ def _extract_once(archive: Path, target: Path) -> Path:
             try:
                 with zipfile.ZipFile(archive) as zf:
                     for member in zf.infolist():  # one by one, so a stop request ends it between files
-                        interrupt.check()
+                        stopping.check()
                         zf.extract(member, tmp)
                 tmp.replace(target)
             finally:

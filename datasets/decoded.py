@@ -32,10 +32,9 @@ from typing import TypeVar
 import numpy as np
 from filelock import FileLock
 
-from datasets import integrity
+from datasets import integrity, stopping
 from datasets.folder import ImageList, decode_images, decode_into
-from runner import interrupt
-from runner.errors import DataError
+from datasets.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +179,7 @@ def mapped_rows(entry: Entry, rows: np.ndarray) -> np.memmap:
             out = integrity.allocate_npy(partial_path, np.uint8, shape)
             try:
                 for start in range(0, len(rows), GATHER_ROWS):
-                    interrupt.check()
+                    stopping.check()
                     chunk = entry.pixels[rows[start : start + GATHER_ROWS]]
                     entry.check(chunk, rows[start : start + GATHER_ROWS], entry.folder / PIXELS)
                     out[start : start + GATHER_ROWS] = chunk

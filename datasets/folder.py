@@ -16,8 +16,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from datasets.integrity import content_digests
-from runner import interrupt
-from runner.errors import DataError
+from datasets import stopping
+from datasets.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ def decode_into(
     pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)
     try:
         with tqdm(total=len(paths), desc="decode", unit="img", disable=not progress) as bar:
-            for done in interrupt.completed([pool.submit(decode_chunk, start) for start in range(0, len(paths), CHUNK)]):
+            for done in stopping.completed([pool.submit(decode_chunk, start) for start in range(0, len(paths), CHUNK)]):
                 bar.update(done)
     finally:
         leaving.set()

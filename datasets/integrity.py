@@ -30,7 +30,7 @@ from typing import Literal
 import numpy as np
 from filelock import FileLock
 
-from runner import interrupt
+from datasets import stopping
 
 SPAN_BYTES = 64 * 2**20  # bytes checked per task of the threads (an interruption waits for no more)
 BLOCK = 8 * 2**20  # bytes per CRC of a whole file
@@ -91,7 +91,7 @@ def _parallel(work: Callable[[range], None], count: int, nbytes: int) -> None:
         return
     pool = ThreadPoolExecutor(min(len(spans), os.cpu_count() or 1))
     try:
-        for _ in interrupt.completed([pool.submit(work, span) for span in spans]):
+        for _ in stopping.completed([pool.submit(work, span) for span in spans]):
             pass
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -197,7 +197,7 @@ def content_digests(paths: list[Path], index: Path | None = None) -> list[str]:
     now = time.time_ns()
     digests, record = [], dict(known)  # files outside ``paths`` (another dataset.limit's sample) stay recorded
     for path in paths:
-        interrupt.check()  # tens of thousands of files on a cold disk take a while
+        stopping.check()  # tens of thousands of files on a cold disk take a while
         name, stat = os.path.abspath(path), path.stat()
         stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, stat.st_dev]
         entry = known.get(name)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from runner.errors import DataError
+from datasets.errors import DataError
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from runner import interrupt
+from datasets import stopping
 
 logger = logging.getLogger(__name__)
 
@@ -145,14 +145,14 @@ def _run_jobs(jobs: list[_Job], workers: int | None) -> None:
     with tqdm(total=len(jobs), unit="img", desc="synthetic images", disable=None) as bar:
         if workers == 1:
             for job in jobs:
-                interrupt.check()
+                stopping.check()
                 _render_job(job)
                 bar.update()
             return
         chunksize = max(1, len(jobs) // (workers * 16))
         chunks = [jobs[start : start + chunksize] for start in range(0, len(jobs), chunksize)]
-        with interrupt.process_pool(workers) as pool:  # leaving it terminates the workers
-            for done in interrupt.imap(pool, _render_chunk, chunks):
+        with stopping.process_pool(workers) as pool:  # leaving it terminates the workers
+            for done in stopping.imap(pool, _render_chunk, chunks):
                 bar.update(done)
 
 

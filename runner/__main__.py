@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from runner import interrupt
 from runner.config import register_schemas
-from runner.errors import RunnerError
+from runner.errors import USER_ERRORS
 
 log = logging.getLogger("runner")
 
@@ -21,12 +21,12 @@ register_schemas()
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    """Run one job; a RunnerError is reported as one clear message without a traceback (exit status 2)."""
+    """Run one job; a user error is reported as one clear message without a traceback (exit status 2)."""
     from runner.app import run  # after Hydra has parsed --help, so help never imports a framework
 
     try:
         return run(cfg)
-    except RunnerError as err:
+    except USER_ERRORS as err:
         log.error("%s", err)
         sys.exit(2)
 
@@ -51,13 +51,10 @@ def cli() -> None:
 
 
 def _close_sweep_parents(status: str) -> list[str]:
-    """Close the parent runs a sweep left open (Hydra made the sweep callback) as ``status``; return their ids."""
-    sweep = sys.modules.get("runner.sweep")
-    if sweep is None:
-        return []
-    parents = list(sweep._open_parents)
-    sweep.close_open_parents(status)
-    return parents
+    """Close the parent runs a sweep left open as ``status``; return their ids."""
+    from runner.sweep import close_open_parents  # imported by the sweep callback already; after --help, so help stays fast
+
+    return close_open_parents(status)
 
 
 def _interrupted(parents: list[str]) -> str:

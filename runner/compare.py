@@ -18,7 +18,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from runner.config import MINIMISED
-from runner.errors import RunnerError
+from runner.errors import USER_ERRORS, RunnerError
 from runner.tracking import SWEEP_PARENT_ROLE
 
 DEFAULT_METRICS = ("val_accuracy", "test_accuracy", "test_f1", "test_roc_auc", "test_loss")
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runs, sweep = load_runs(args.tracking_uri, args.experiment, args.sweep, latest_sweep=not args.all)
         text = render(table(runs, args.metric), args.format)
-    except RunnerError as err:
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     header = f"{len(runs)} run(s) of {'sweep ' + sweep if sweep else 'experiment ' + args.experiment}, best {args.metric} first"

@@ -10,8 +10,10 @@ into these objects.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -68,6 +70,26 @@ def _fixed(group: str, node: Any, key: str, options: str) -> None:
     _check(fixed == MISSING or getattr(node, key) == fixed, f"{group}.{key}", valid, getattr(node, key), fixed)
 
 
+def how(default: Any) -> Any:
+    """A key that says where or how a run runs, not what it computes: it may differ when the run is resumed."""
+    return field(default=default, metadata={HOW: True})
+
+
+HOW = "where_or_how"
+
+
+def may_differ_on_resume(node: Any, prefix: str = "") -> set[str]:
+    """The dotted keys of ``node`` (a RunConfig) marked :func:`how`: those a resumed run may change."""
+    keys: set[str] = set()
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            keys |= may_differ_on_resume(value, f"{prefix}{f.name}.")
+        elif f.metadata.get(HOW):
+            keys.add(f"{prefix}{f.name}")
+    return keys
+
+
 SEED_MAX = 2**32 - 1
 MAX_IMAGE_SIZE = 4096  # 4096 x 4096 x 3 bytes is 48 MiB per decoded image, already past any use here
 
@@ -82,10 +104,10 @@ class DatasetConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     limit: Optional[int] = None
-    cache_dir: str = "data"
-    decode_workers: Optional[int] = None
-    decode_cache: bool = True
-    in_memory_gb: Optional[float] = None  # pixels above this are memory-mapped (None: half the machine's memory)
+    cache_dir: str = how("data")
+    decode_workers: Optional[int] = how(None)
+    decode_cache: bool = how(True)
+    in_memory_gb: Optional[float] = how(None)  # pixels above this are memory-mapped (None: half the machine's memory)
 
     def __post_init__(self) -> None:
         _fixed("dataset", self, "name", "synthetic_cracks|concrete_cracks|image_folder")
@@ -193,6 +215,20 @@ class KerasBackboneConfig(ModelConfig):
         _int_range("model.min_image_size", self.min_image_size, 32, None, 32, " pixels", " (keras.applications bases refuse smaller inputs)")
 
 
+# optimizer.name -> its class in each framework (torch.optim.<name>, keras.optimizers.<name>) and the
+# group's own keys as that class's arguments; the learning rate and weight decay are passed by the trainer.
+OPTIMIZERS: dict[str, dict[str, tuple[str, Callable[[Any], dict[str, Any]]]]] = {
+    "sgd": {
+        "torch": ("SGD", lambda cfg: {"momentum": cfg.momentum}),
+        "keras": ("SGD", lambda cfg: {"momentum": cfg.momentum}),
+    },
+    "adam": {
+        "torch": ("Adam", lambda cfg: {"betas": (cfg.beta1, cfg.beta2)}),
+        "keras": ("Adam", lambda cfg: {"beta_1": cfg.beta1, "beta_2": cfg.beta2}),
+    },
+}
+
+
 @dataclass
 class OptimizerConfig:
     name: str = MISSING
@@ -228,7 +264,12 @@ class AdamConfig(OptimizerConfig):
         _fraction("optimizer.beta2", self.beta2, 0.999)
 
 
-PRECISIONS = ("32", "bf16-mixed")  # trainer.precision: Lightning's names
+# trainer.precision (Lightning's names) -> what each framework computes in: a torch dtype, a Keras
+# dtype policy. bf16-mixed: bfloat16 compute with float32 weights.
+PRECISIONS: dict[str, dict[str, str]] = {
+    "32": {"torch": "float32", "keras": "float32"},
+    "bf16-mixed": {"torch": "bfloat16", "keras": "mixed_bfloat16"},
+}
 
 
 @dataclass
@@ -236,16 +277,16 @@ class TrainerConfig:
     epochs: int = 10
     fine_tune_epochs: int = 5
     batch_size: int = 32
-    num_threads: Optional[int] = None
-    progress: bool = True
+    num_threads: Optional[int] = how(None)
+    progress: bool = how(True)
     # "32": float32 throughout. "bf16-mixed": bfloat16 compute with float32 weights (both
     # frameworks), about 1.5x faster where the hardware has bfloat16 units, slightly different results.
     precision: str = "32"
     # Keras: compute the frozen layers once per image and train on their stored output
     # (equal results; see runner.frozen_features). False: through them every epoch.
-    cache_frozen_features: bool = True
-    feature_cache_dir: str = "data/features"  # the store, shared by runs and sweep jobs
-    feature_cache_gb: float = 10.0  # least recently used entries beyond this are deleted
+    cache_frozen_features: bool = how(True)
+    feature_cache_dir: str = how("data/features")  # the store, shared by runs and sweep jobs
+    feature_cache_gb: float = how(10.0)  # least recently used entries beyond this are deleted
 
     def __post_init__(self) -> None:
         _positive("trainer.epochs", self.epochs, 10)
@@ -260,10 +301,10 @@ class TrainerConfig:
 
 @dataclass
 class TrackingConfig:
-    uri: str = "sqlite:///mlflow.db"
+    uri: str = how("sqlite:///mlflow.db")
     experiment: str = "crack-classification"
-    artifact_root: str = "mlruns"
-    run_name: Optional[str] = None
+    artifact_root: str = how("mlruns")
+    run_name: Optional[str] = how(None)
 
     def __post_init__(self) -> None:
         _text("tracking.uri", self.uri, "sqlite:///mlflow.db")
@@ -283,7 +324,7 @@ class RunConfig:
     freeze_depth: Optional[int] = None
     fine_tune_lr: Optional[float] = None
     objective: str = "val_accuracy"
-    resume: Optional[str] = None
+    resume: Optional[str] = how(None)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 

@@ -1,6 +1,6 @@
 """Errors meant for the person at the keyboard.
 
-A RunnerError carries a message that names the key or file at fault and how to fix it;
+A user error (:data:`USER_ERRORS`) carries a message that names the key or file at fault and how to fix it;
 the entry point prints it without a traceback and exits with status 2.
 """
 
@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import errno
 import os
+
+
+from datasets.errors import DataError
+from models.errors import ModelError
 
 
 class RunnerError(Exception):
@@ -18,16 +22,17 @@ class ConfigError(RunnerError):
     """A configuration value is invalid."""
 
 
-class DataError(RunnerError):
-    """The data set cannot be found, read or split."""
-
-
 class TrainingError(RunnerError):
     """Training cannot go on (for example the loss became NaN)."""
 
 
 class StorageError(RunnerError):
     """A folder or store cannot be written: full, read-only or locked."""
+
+
+# Everything reported as one message, exit status 2: the runner's own errors and those the
+# lower layers (datasets, models) define for the same purpose without importing the runner.
+USER_ERRORS = (RunnerError, DataError, ModelError)
 
 
 # errno values that mean "the storage cannot take this write", whatever library wrote it.

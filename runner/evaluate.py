@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import numpy as np
 
 from datasets import DataSplits
 from runner import plots
 from runner.metrics import classification_metrics, confusion
 from runner.tracking import Tracker
-
-
-class TrainedModel(Protocol):
-    """What a trainer's ``fit`` returns."""
-
-    def predict_proba(self, images: np.ndarray) -> np.ndarray: ...
-
-    def log_model(self, tracker: Tracker, example: np.ndarray) -> str: ...
+from runner.trainer import TrainedModel
 
 
 def evaluate_and_log(model: TrainedModel, data: DataSplits, tracker: Tracker) -> dict[str, float]:
@@ -28,14 +19,14 @@ def evaluate_and_log(model: TrainedModel, data: DataSplits, tracker: Tracker) ->
     tracker.log_metrics(test)
     files = [path.relative_to(data.root).as_posix() for path in data.test.paths]
     for name, fig in (
-        ("plots/learning_curves.png", plots.learning_curves(tracker.history)),
+        ("plots/learning_curves.png", plots.learning_curves(model.history)),
         ("plots/confusion_matrix.png", plots.confusion_matrix_figure(confusion(labels, probs, len(data.classes)), data.classes)),
         ("plots/roc_curve.png", plots.roc_figure(labels, probs, data.classes)),
         ("plots/misclassified.png", plots.misclassified_grid(data.test.images, labels, probs, data.classes, files)),
     ):
         tracker.log_figure(fig, name)
         plots.close(fig)
-    final_epoch = {k: v for k, v in tracker.history[-1].items() if k not in ("step", "phase")} if tracker.history else {}
+    final_epoch = {k: v for k, v in model.history[-1].items() if k not in ("step", "phase")} if model.history else {}
     tracker.log_json({**final_epoch, **test, "classes": data.classes}, "metrics.json")
     tracker.log_json(prediction_records(files, labels, probs, data.classes), "test_predictions.json")
     return {**final_epoch, **test}

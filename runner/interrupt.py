@@ -2,42 +2,22 @@
 
 An interruption raised at an arbitrary bytecode could land inside an MLflow write to the
 sqlite store and leave that connection holding the database lock, so the run could not
-even be marked KILLED. The handler only records the request; the training loops call
-:func:`check` between batches, which raises KeyboardInterrupt there. A second signal
-stops at once.
-
-A wait that blocks (a pool's result, a sleep) would not notice the request, so long
-stages wait through :func:`completed`, :func:`imap` and :func:`sleep`, which look at it
-every :data:`POLL_S`. Worker processes come from :func:`process_pool`: they leave the
-signals to this process and die with it, even when it is killed with SIGKILL.
+even be marked KILLED. The handler only records the request (datasets.stopping, which every
+long loop checks); a second signal stops at once. This module also remembers which MLflow
+runs the process opened and which one a stop ended, so the last message says what is true.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import multiprocessing
-import multiprocessing.pool
-import os
 import signal
-import sys
-import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, wait
-from typing import NoReturn, TypeVar
+
+from datasets import stopping
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-R = TypeVar("R")
-
-POLL_S = 0.2  # how often a blocked wait looks for a stop request
-STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
-_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-
-_requested: str | None = None
 _opened_runs: list[str] = []  # MLflow runs this process opened (tracking.start_run), for the final message
-_stopped_run: str | None = None  # the MLflow run that was active where the stop was raised
+_killed_run: str | None = None  # the MLflow run a stop ended (marked KILLED by tracking.start_run)
 
 
 def install() -> None:
@@ -47,26 +27,10 @@ def install() -> None:
 
 
 def _handler(signum: int, frame: object) -> None:
-    global _requested
-    if _requested is not None:
-        _stop(f"{_requested} received twice")
-    _requested = signal.Signals(signum).name
-    log.warning("%s received: stopping at the next safe point (send it again to stop at once)", _requested)
-
-
-def check() -> None:
-    """Raise KeyboardInterrupt if a stop was requested: call where stopping leaves nothing half-done."""
-    if _requested is not None:
-        _stop(_requested)
-
-
-def _stop(reason: str) -> NoReturn:
-    """Raise the stop, noting which MLflow run it leaves (known only here: the run is ended on the way up)."""
-    global _stopped_run
-    mlflow = sys.modules.get("mlflow")  # never imported just for this
-    active = mlflow.active_run() if mlflow is not None else None
-    _stopped_run = active.info.run_id if active is not None else None
-    raise KeyboardInterrupt(reason)
+    if stopping.requested() is not None:
+        raise KeyboardInterrupt(f"{stopping.requested()} received twice")
+    stopping.request(signal.Signals(signum).name)
+    log.warning("%s received: stopping at the next safe point (send it again to stop at once)", stopping.requested())
 
 
 def opened_run(run_id: str) -> None:
@@ -79,71 +43,12 @@ def opened_runs() -> list[str]:
     return list(_opened_runs)
 
 
+def killed_run(run_id: str) -> None:
+    """Record that a stop ended MLflow run ``run_id`` (tracking.start_run marked it KILLED)."""
+    global _killed_run
+    _killed_run = run_id
+
+
 def stopped_run() -> str | None:
-    """The MLflow run that was open when the stop was raised (tracking.start_run marks it KILLED), or None."""
-    return _stopped_run
-
-
-def completed(futures: Iterable[Future[T]]) -> Iterator[T]:
-    """The futures' results in order, raising KeyboardInterrupt within POLL_S of a stop request."""
-    for future in futures:
-        check()
-        while wait([future], timeout=POLL_S).not_done:
-            check()
-        yield future.result()
-
-
-def sleep(seconds: float) -> None:
-    """``time.sleep`` that ends with KeyboardInterrupt within POLL_S of a stop request (retry back-offs)."""
-    deadline = time.monotonic() + seconds
-    while (left := deadline - time.monotonic()) > 0:
-        check()
-        time.sleep(min(left, POLL_S))
-    check()
-
-
-# --------------------------------------------------------------------- worker processes
-
-
-def process_pool(processes: int) -> multiprocessing.pool.Pool:
-    """A process pool whose workers die with this process and ignore Ctrl-C; use it in a ``with``.
-
-    Leaving the ``with`` terminates the workers at once (SIGTERM, default action in them),
-    also on an interruption; if this process is killed, the kernel kills them (Linux).
-    SIGINT and SIGTERM stay blocked from the fork until a worker has reset the handlers it
-    inherited, so none can reach a worker's copy of :func:`_handler`, which would ignore it.
-    """
-    # fork (Linux) or spawn, never forkserver: the workers' parent must be this process, not a server.
-    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        return context.Pool(processes, initializer=_init_worker, initargs=(os.getpid(),))
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-
-
-def imap(pool: multiprocessing.pool.Pool, func: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
-    """``pool.imap_unordered`` of one task per item (batch small items yourself: a chunksize > 1 gives
-    an iterator without a timeout), raising KeyboardInterrupt within POLL_S of a stop request."""
-    results = pool.imap_unordered(func, items)
-    while True:
-        check()
-        try:
-            yield results.next(timeout=POLL_S)
-        except multiprocessing.TimeoutError:
-            continue
-        except StopIteration:
-            return
-
-
-def _init_worker(parent: int) -> None:
-    """Pool initializer: default SIGTERM (terminate() must kill), SIGINT ignored (the parent decides), die with the parent."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-            log.warning("prctl(PR_SET_PDEATHSIG) failed (%s): this worker may outlive a killed runner", os.strerror(ctypes.get_errno()))
-    if os.getppid() != parent:  # the parent died before prctl took effect: no signal will come
-        os._exit(1)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    """The MLflow run a stop ended, or None."""
+    return _killed_run

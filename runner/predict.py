@@ -22,7 +22,7 @@ import numpy as np
 from tabulate import tabulate
 
 from datasets.folder import IMAGE_SUFFIXES, decode_image
-from runner.errors import ConfigError, DataError, RunnerError
+from runner.errors import USER_ERRORS, ConfigError, DataError
 
 log = logging.getLogger("runner.predict")
 
@@ -165,7 +165,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Print one line per image (or JSON); a RunnerError is one message on stderr and exit status 2."""
+    """Print one line per image (or JSON); a user error is one message on stderr and exit status 2."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -177,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         with contextlib.redirect_stdout(sys.stderr):  # stdout is the result: frameworks' progress bars go to stderr
             predictions = predict(logged, files, args.batch_size)
-    except RunnerError as err:
+    except USER_ERRORS as err:
         log.error("%s", err)
         return 2
     if args.json:

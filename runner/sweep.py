@@ -23,7 +23,7 @@ from mlflow.entities import RunStatus
 from omegaconf import DictConfig, open_dict, read_write
 
 from runner.config import MINIMISED
-from runner.errors import RunnerError, storage_error
+from runner.errors import USER_ERRORS, RunnerError, storage_error
 from runner.store import absolute_tracking_uri, open_store, process_tags
 from runner.tracking import SWEEP_PARENT_ROLE, git_commit
 
@@ -61,7 +61,7 @@ class MlflowSweepCallback(Callback):
         try:
             self._start(config)
         except Exception as err:  # noqa: BLE001
-            problem = err if isinstance(err, RunnerError) else storage_error(err)
+            problem = err if isinstance(err, USER_ERRORS) else storage_error(err)
             if problem is None:
                 log.exception("the sweep's MLflow parent run could not be opened; no job was started")
                 sys.exit(1)
@@ -125,7 +125,9 @@ def close_parent(run_id: str, status: str) -> None:
         mlflow.MlflowClient(uri).set_terminated(run_id, status)
 
 
-def close_open_parents(status: str) -> None:
-    """Mark parents left open by a sweep that crashed or was interrupted, so none stays RUNNING."""
-    for run_id in list(_open_parents):
+def close_open_parents(status: str) -> list[str]:
+    """Mark parents left open by a sweep that crashed or was interrupted, so none stays RUNNING; return their ids."""
+    parents = list(_open_parents)
+    for run_id in parents:
         close_parent(run_id, status)
+    return parents

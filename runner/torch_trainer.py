@@ -5,22 +5,20 @@ from __future__ import annotations
 import io
 import logging
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from datasets import DataSplits, Split
+from datasets import DataSplits, Split, stopping
 from models.linear import LinearClassifier
-from runner.config import AdamConfig, OptimizerConfig, RunConfig, SGDConfig
-from runner import interrupt
-from runner.errors import TrainingError
-from runner.files import atomic_path
+from runner.config import OPTIMIZERS, PRECISIONS, OptimizerConfig, RunConfig
+from runner.epochs import Epochs, check_finite
 from runner.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -32,9 +30,8 @@ def versions() -> dict[str, str]:
     return {"framework": "torch", "torch_version": torch.__version__}
 
 
-def compute_dtype(precision: str) -> torch.dtype:
-    """What ``trainer.precision`` computes in: bfloat16 for bf16-mixed (weights stay float32), else float32."""
-    return torch.bfloat16 if precision == "bf16-mixed" else torch.float32
+def seed(value: int) -> None:
+    torch.manual_seed(value)
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
@@ -49,7 +46,8 @@ class TorchModel:
     module: nn.Module
     device: torch.device
     batch_size: int
-    dtype: torch.dtype = torch.float32
+    dtype: torch.dtype
+    history: list[dict[str, Any]]
 
     @torch.no_grad()
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
@@ -86,12 +84,10 @@ class TorchModel:
         )
 
 
-def build_optimizer(cfg: OptimizerConfig, params) -> torch.optim.Optimizer:
-    if isinstance(cfg, SGDConfig):
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if isinstance(cfg, AdamConfig):
-        return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-    raise TypeError(f"no torch optimizer for {cfg.name}")
+def build_optimizer(cfg: OptimizerConfig, params: Iterator[nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimizer group's torch optimizer (config.OPTIMIZERS); weight decay added to the gradient."""
+    name, arguments = OPTIMIZERS[cfg.name]["torch"]
+    return getattr(torch.optim, name)(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **arguments(cfg))
 
 
 def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -154,15 +150,11 @@ def train_one_epoch(
     criterion = nn.CrossEntropyLoss()
     total_loss, correct, seen = 0.0, 0, 0
     for images, labels in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
-        interrupt.check()
+        stopping.check()
         with autocast(loader.device, images.dtype):
             logits = model(images).float()
         loss = criterion(logits, labels)
-        if not torch.isfinite(loss):
-            raise TrainingError(
-                f"the training loss became {loss.item()} during {desc}. The learning rate is probably too high: "
-                "lower optimizer.lr (e.g. divide it by 10)."
-            )
+        check_finite("training loss", loss.item(), f"during {desc}", "optimizer.lr")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -190,7 +182,7 @@ def evaluate(model: nn.Module, loader: Batches) -> tuple[float, float]:
 def save_checkpoint(
     path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, shuffle: torch.Generator, epoch: int
 ) -> None:
-    """Everything needed to continue exactly after ``epoch`` (weights, optimizer, RNGs), written atomically."""
+    """Everything needed to continue exactly after ``epoch`` (weights, optimizer, RNGs)."""
     state = {
         "epoch": epoch,
         "model": model.state_dict(),
@@ -200,8 +192,7 @@ def save_checkpoint(
     }
     buffer = io.BytesIO()  # serialised first: torch turns a failed file write into an opaque RuntimeError
     torch.save(state, buffer)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buffer.getbuffer())
+    path.write_bytes(buffer.getbuffer())
 
 
 def load_checkpoint(
@@ -216,36 +207,31 @@ def load_checkpoint(
     return int(state["epoch"])
 
 
-def fit(run: RunConfig, data: DataSplits, tracker: Tracker, resume_from: Path | None = None) -> TorchModel:
-    """Train the linear classifier with per-epoch train/val metrics and a checkpoint each epoch.
+def fit(run: RunConfig, data: DataSplits, tracker: Tracker, epochs: Epochs, resume_from: Path | None = None) -> TorchModel:
+    """Train the linear classifier, closing each epoch (metrics, checkpoint) through ``epochs``.
 
     ``resume_from``: a folder with the ``last.pt`` of an interrupted run; training goes on
     after its epoch and ends with the same weights as an uninterrupted run.
     """
-    torch.set_num_threads(run.trainer.num_threads or os.cpu_count() or 1)
+    torch.set_num_threads(run.trainer.num_threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     mean, std = channel_stats(data.train.images)
     model = LinearClassifier(data.image_shape, len(data.classes), mean, std).to(device)
     optimizer = build_optimizer(run.optimizer, model.parameters())
     tracker.log_params({"device": device.type, "trainable_params": sum(p.numel() for p in model.parameters())})
     shuffle = torch.Generator().manual_seed(run.seed)
-    dtype = compute_dtype(run.trainer.precision)
+    dtype = getattr(torch, PRECISIONS[run.trainer.precision]["torch"])
     train_loader = Batches(data.train, run.trainer.batch_size, device, dtype, shuffle)
     val_loader = Batches(data.val, run.trainer.batch_size, device, dtype)
-    checkpoint = tracker.output_dir / "checkpoints" / CHECKPOINT
     done = load_checkpoint(resume_from / CHECKPOINT, model, optimizer, shuffle) if resume_from else 0
-    tracker.rewind(done)
-    epochs = run.trainer.epochs
-    for epoch in range(done + 1, epochs + 1):
-        train_loss, train_acc = train_one_epoch(
-            model, train_loader, optimizer, f"epoch {epoch}/{epochs}", run.trainer.progress
-        )
+    epochs.rewind(done)
+    total = run.trainer.epochs
+    for epoch in range(done + 1, total + 1):
+        train_loss, train_acc = train_one_epoch(model, train_loader, optimizer, f"epoch {epoch}/{total}", run.trainer.progress)
         val_loss, val_acc = evaluate(model, val_loader)
-        if not math.isfinite(val_loss):
-            raise TrainingError(f"the validation loss became {val_loss} at epoch {epoch}: lower optimizer.lr.")
-        save_checkpoint(checkpoint, model, optimizer, shuffle, epoch)
-        tracker.log_epoch(
-            epoch, {"train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val_loss, "val_accuracy": val_acc}
+        epochs.end(
+            epoch,
+            {"train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val_loss, "val_accuracy": val_acc},
+            lambda path: save_checkpoint(path, model, optimizer, shuffle, epoch),
         )
-        tracker.log_artifact(checkpoint, "checkpoints")
-    return TorchModel(model, device, run.trainer.batch_size, dtype)
+    return TorchModel(model, device, run.trainer.batch_size, dtype, epochs.history)

@@ -32,31 +32,13 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 class Tracker:
-    """Logs to one active MLflow run and keeps the epoch history for plots and the summary."""
+    """Logs to one active MLflow run, and nothing else: params, tags, metrics, artifacts, the model."""
 
-    def __init__(self, run_id: str, output_dir: Path, artifact_uri: str = "") -> None:
+    def __init__(self, run_id: str, artifact_uri: str = "") -> None:
         self.run_id = run_id
-        self.output_dir = output_dir
         self.artifact_uri = artifact_uri
-        self.history: list[dict[str, Any]] = []
         self.model_uri: str | None = None
         self.model_metadata: dict[str, Any] = {}  # saved in the MLmodel file, e.g. class names
-
-    def log_epoch(self, step: int, metrics: Mapping[str, float], phase: str = "train") -> None:
-        """Per-epoch metrics at a step that keeps counting across training phases.
-
-        The history also goes to ``history.json`` each epoch, so a resumed run can redraw
-        its learning curves with the phases of the epochs before the interruption.
-        """
-        values = {k: float(v) for k, v in metrics.items()}
-        mlflow.log_metrics(values, step=step)
-        self.history.append({"step": step, "phase": phase, **values})
-        self.log_json(self.history, HISTORY)
-        log.info("epoch %d [%s] %s", step, phase, "  ".join(f"{k}={v:.4f}" for k, v in values.items()))
-
-    def rewind(self, step: int) -> None:
-        """Forget epochs after ``step``: a resumed run repeats what its last checkpoint did not hold."""
-        self.history = [h for h in self.history if h["step"] <= step]
 
     @contextmanager
     def writing_artifacts(self) -> Iterator[None]:
@@ -68,8 +50,8 @@ class Tracker:
                 raise OSError(err.errno, err.strerror, self.artifact_uri.removeprefix("file://")) from err
             raise
 
-    def log_metrics(self, metrics: Mapping[str, float]) -> None:
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         mlflow.log_params(dict(params))
@@ -84,6 +66,10 @@ class Tracker:
     def log_json(self, data: Any, name: str) -> None:
         with self.writing_artifacts():
             mlflow.log_dict(data, name)
+
+    def load_json(self, name: str) -> Any:
+        """An artifact written by :meth:`log_json` (e.g. the history of a run being resumed)."""
+        return mlflow.artifacts.load_dict(f"{self.artifact_uri}/{name}")
 
     def log_figure(self, figure: Any, name: str) -> None:
         # zlib level 1: PNGs a little larger, written several times faster (level 6 took ~0.15 s a plot)
@@ -113,7 +99,7 @@ class Tracker:
         with self.writing_artifacts():
             info = module.log_model(
                 model,
-            name="model",
+                name="model",
                 signature=signature,
                 metadata=self.model_metadata or None,
                 pip_requirements=requirements,
@@ -152,17 +138,8 @@ def git_commit() -> str:
 
 
 SWEEP_PARENT_ROLE = "sweep_parent"
-HISTORY = "history.json"
-# Keys that may change when an interrupted run is resumed: where and how it runs, not what.
-RESUME_MAY_DIFFER = frozenset(
-    {"resume", "trainer.progress", "trainer.num_threads", "tracking.uri", "tracking.run_name",
-     "tracking.artifact_root", "dataset.cache_dir", "dataset.decode_workers", "dataset.decode_cache",
-     "trainer.cache_frozen_features", "trainer.feature_cache_dir", "trainer.feature_cache_gb"}
-)
-
-
-def prepare_resume(cfg: DictConfig, run_id: str, into: Path) -> Path:
-    """Check that run ``run_id`` can be continued with ``cfg`` and download its checkpoints into ``into``."""
+def prepare_resume(cfg: DictConfig, run_id: str, into: Path, may_differ: set[str]) -> Path:
+    """Check that run ``run_id`` can be continued with ``cfg`` (keys in ``may_differ`` aside) and download its checkpoints into ``into``."""
     uri = absolute_tracking_uri(cfg.tracking.uri)
     client = mlflow.MlflowClient(uri)
     try:
@@ -174,7 +151,7 @@ def prepare_resume(cfg: DictConfig, run_id: str, into: Path) -> Path:
     logged = previous.data.params
     differing = sorted(
         key for key, value in flatten(cfg).items()
-        if key not in RESUME_MAY_DIFFER and key in logged and str(value) != logged[key]
+        if key not in may_differ and key in logged and str(value) != logged[key]
     )
     if differing:
         changes = ", ".join(f"{k}={logged[k]} (now {flatten(cfg)[k]})" for k in differing)
@@ -204,8 +181,8 @@ class RunSpec:
 
 
 @contextmanager
-def start_run(cfg: DictConfig, spec: RunSpec, output_dir: Path) -> Iterator[Tracker]:
-    """Open an MLflow run holding the whole resolved config; close it FINISHED, FAILED or KILLED.
+def start_run(cfg: DictConfig, spec: RunSpec) -> Iterator[Tracker]:
+    """Open an MLflow run holding the whole config that runs (``cfg``); close it FINISHED, FAILED or KILLED.
 
     Whatever was logged before an error stays in the run: the status tells how it ended.
     """
@@ -220,7 +197,7 @@ def start_run(cfg: DictConfig, spec: RunSpec, output_dir: Path) -> Iterator[Trac
     else:
         active = mlflow.start_run(run_id=spec.resume)
         mlflow.set_tags(process_tags())  # the run now lives in this process
-    tracker = Tracker(active.info.run_id, output_dir, active.info.artifact_uri)
+    tracker = Tracker(active.info.run_id, active.info.artifact_uri)
     interrupt.opened_run(tracker.run_id)  # so a stop's message can say which run it ended
     status = RunStatus.to_string(RunStatus.FAILED)
     try:
@@ -229,13 +206,12 @@ def start_run(cfg: DictConfig, spec: RunSpec, output_dir: Path) -> Iterator[Trac
             tracker.log_json(OmegaConf.to_container(cfg, resolve=True), "config/config.yaml")
             tracker.log_json({"overrides": spec.overrides}, "config/overrides.yaml")
         else:
-            tracker.history = mlflow.artifacts.load_dict(f"{active.info.artifact_uri}/{HISTORY}")
             tracker.set_tags({"resumed_with": " ".join(spec.overrides), "resumed_commit": commit})
         yield tracker
         status = RunStatus.to_string(RunStatus.FINISHED)
     except KeyboardInterrupt:
         status = RunStatus.to_string(RunStatus.KILLED)
-        log.error("run %s interrupted; continue it with: resume=%s (and the same overrides)", tracker.run_id, tracker.run_id)
+        interrupt.killed_run(tracker.run_id)
         raise
     finally:
         _end_run(tracker.run_id, status)

@@ -186,9 +186,9 @@ def test_the_fingerprint_is_the_same_for_the_same_bytes_anywhere(tmp_path, monke
 
 
 def feature_store_module():
-    """runner.frozen_features, with Keras on TensorFlow: imported on first use, as only these tests need TensorFlow."""
+    """runner.precompute.store, with Keras on TensorFlow: imported on first use, as only these tests need TensorFlow."""
     from runner import keras_trainer  # noqa: F401, I001  (first: it puts Keras on TensorFlow before keras is imported)
-    from runner import frozen_features
+    from runner.precompute import store as frozen_features
 
     return frozen_features
 

@@ -16,12 +16,15 @@ import pytest
 from runner import keras_trainer  # noqa: I001  (first: it puts Keras on TensorFlow before keras is imported)
 import keras
 
-from runner import frozen_features
-from runner.frozen_features import FeatureStore
+from runner.precompute import tfdata
+from runner.precompute import store as feature_store
+from runner.precompute.cut import cut_after_frozen
+from runner.precompute.store import FeatureStore
 
 import datasets
-from models.keras_backbones import build, freeze, frozen_layer_count, split_frozen
-from runner.config import KerasBackboneConfig, to_run_config
+from models.keras_backbones import build, freeze, frozen_layer_count
+from runner.config import to_run_config
+from runner.epochs import Epochs
 from runner.seeding import seed_everything
 
 SHAPE = (32, 32, 3)
@@ -30,17 +33,19 @@ SHAPE = (32, 32, 3)
 class RecordingTracker:
     """The part of runner.tracking.Tracker the trainer uses, without MLflow."""
 
-    def __init__(self, output_dir: Path) -> None:
-        self.output_dir = output_dir
+    def __init__(self) -> None:
         self.params: dict[str, Any] = {}
-        self.history: list[dict[str, Any]] = []
+        self.history: list[dict[str, Any]] = []  # the trained model's, set by train()
         self.artifacts: list[str] = []
 
     def log_params(self, params: dict[str, Any]) -> None:
         self.params.update(params)
 
-    def log_epoch(self, step: int, metrics: dict[str, float], phase: str = "train") -> None:
-        self.history.append({"step": step, "phase": phase, **{k: float(v) for k, v in metrics.items()}})
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_json(self, data: Any, name: str) -> None:
+        pass
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.artifacts.append(f"{artifact_path}/{Path(path).name}")
@@ -51,10 +56,11 @@ def train(make_cfg, folder: Path, cache: bool, *overrides: str):
     run_cfg = to_run_config(
         make_cfg("model=resnet50", "model.weights=null", f"trainer.cache_frozen_features={cache}", f"trainer.feature_cache_dir={folder.parent / 'store'}", *overrides)
     )
-    seed_everything(run_cfg.seed)
+    seed_everything(run_cfg.seed, keras_trainer)
     data = datasets.load(run_cfg.dataset, run_cfg.seed, progress=False)
-    tracker = RecordingTracker(folder)
-    trained = keras_trainer.fit(run_cfg, data, tracker)
+    tracker = RecordingTracker()
+    trained = keras_trainer.fit(run_cfg, data, tracker, Epochs(tracker, folder / "checkpoints" / keras_trainer.CHECKPOINT))
+    tracker.history = trained.history
     return trained.predict_proba(data.test.images), tracker, trained.model
 
 
@@ -65,7 +71,7 @@ def test_training_on_cached_frozen_features_equals_training_through_the_frozen_l
     # the cut is its output. Epoch orders continue across epochs and phases in both runs.
     overrides = ["optimizer.lr=0.01", "freeze_depth=140", "fine_tune_lr=0.001", "trainer.epochs=2", "trainer.fine_tune_epochs=1"]
     cuts = ["pool", "conv4_block6_out"]
-    monkeypatch.setattr(keras_trainer, "IN_MEMORY", 64 * 2**10)  # images and feature maps: read from NumPy per batch
+    monkeypatch.setattr(tfdata, "IN_MEMORY", 64 * 2**10)  # images and feature maps: read from NumPy per batch
     fitted: list[str] = []
     keras_fit = keras.Model.fit
 
@@ -75,13 +81,13 @@ def test_training_on_cached_frozen_features_equals_training_through_the_frozen_l
 
     monkeypatch.setattr(keras.Model, "fit", spy_fit)
     passes: list[tuple[str, tuple[int, ...]]] = []  # (split, input shape) of each pass of frozen layers
-    compute = frozen_features.compute
+    compute = feature_store.compute
 
     def spy_compute(step, images, *args):
         passes.append((args[2], images.shape[1:]))
         return compute(step, images, *args)
 
-    monkeypatch.setattr(frozen_features, "compute", spy_compute)
+    monkeypatch.setattr(feature_store, "compute", spy_compute)
     cached, cached_tracker, cached_model = train(make_cfg, tmp_path / "cached", True, *overrides)
     assert fitted == ["trainable_part"] * len(cuts)
     # The layers up to the fine-tune cut ran once per image for both phases: on each split's
@@ -116,7 +122,7 @@ def test_training_on_cached_frozen_features_equals_training_through_the_frozen_l
 
     # Run again: every frozen output is read from the store, none computed, and the results are the same.
     computed: list[str] = []
-    monkeypatch.setattr(frozen_features, "compute", lambda *args: computed.append(args[4]))
+    monkeypatch.setattr(feature_store, "compute", lambda *args: computed.append(args[4]))
     again, again_tracker, _ = train(make_cfg, tmp_path / "again", True, *overrides)
     assert computed == []
     np.testing.assert_array_equal(again, cached)
@@ -132,8 +138,8 @@ def tiny_model(seed: int) -> keras.Model:
 def test_the_store_keys_entries_by_weights_and_pixels_and_evicts_the_least_recently_used(tmp_path, caplog):
     images = np.random.default_rng(0).integers(0, 256, (10, 4, 4, 3), dtype=np.uint8)
     first, second = tiny_model(0), tiny_model(1)
-    assert frozen_features.layers_key(first) == frozen_features.layers_key(tiny_model(0))  # names aside, the same layers
-    assert frozen_features.layers_key(first) != frozen_features.layers_key(second)
+    assert feature_store.layers_key(first) == feature_store.layers_key(tiny_model(0))  # names aside, the same layers
+    assert feature_store.layers_key(first) != feature_store.layers_key(second)
 
     entry_bytes = 10 * 5 * 4 + 128  # float32 rows and the .npy header
     store = FeatureStore(tmp_path, max_gb=2.5 * entry_bytes / 1e9, batch_size=4, progress=False)
@@ -153,7 +159,7 @@ def test_the_store_keys_entries_by_weights_and_pixels_and_evicts_the_least_recen
 
 
 def test_a_store_without_room_on_disk_falls_back_to_the_layers(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(frozen_features, "DISK_RESERVE", 2**62)
+    monkeypatch.setattr(feature_store, "DISK_RESERVE", 2**62)
     store = FeatureStore(tmp_path, max_gb=1, batch_size=4, progress=False)
     with caplog.at_level("WARNING"):
         assert store.features(tiny_model(0), np.zeros((3, 4, 4, 3), np.uint8), "train") is None
@@ -166,7 +172,7 @@ def models() -> dict[str, tuple[keras.Model, keras.Model]]:
     """Random-init models whose BatchNormalization layers hold statistics, scales and offsets unlike their init."""
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
-    built = {name: build(KerasBackboneConfig(name=name, weights=None), SHAPE, 2) for name in ("resnet50", "vgg16")}
+    built = {name: build(name, None, SHAPE, 2) for name in ("resnet50", "vgg16")}
     for layer in built["resnet50"][1].layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             gamma, beta, mean, variance = (w.shape for w in layer.get_weights())
@@ -190,17 +196,17 @@ def models() -> dict[str, tuple[keras.Model, keras.Model]]:
 def test_the_split_is_the_model_cut_at_the_last_clean_boundary_of_its_frozen_part(models, name, freeze_depth, cut):
     model, base = models[name]
     freeze(base, frozen_layer_count(base, freeze_depth))
-    split = split_frozen(model, base)
+    split = cut_after_frozen(model, base)
     if cut is None:
         assert split is None
         return
     assert split.cut == cut
-    assert not split.frozen.trainable_weights
-    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in split.frozen.layers[-1 if cut != "pool" else -2].layers)
-    assert [id(w) for w in split.trainable.trainable_weights] == [id(w) for w in model.trainable_weights]
+    assert not split.prefix.trainable_weights
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in split.prefix.layers[-1 if cut != "pool" else -2].layers)
+    assert [id(w) for w in split.rest.trainable_weights] == [id(w) for w in model.trainable_weights]
     pixels = np.random.default_rng(0).uniform(0, 255, (3, *SHAPE)).astype(np.float32)
-    features = split.frozen(pixels, training=False)
-    np.testing.assert_allclose(split.trainable(features, training=False).numpy(), model(pixels, training=False).numpy(), rtol=1e-4, atol=1e-6)
+    features = split.prefix(pixels, training=False)
+    np.testing.assert_allclose(split.rest(features, training=False).numpy(), model(pixels, training=False).numpy(), rtol=1e-4, atol=1e-6)
     # The frozen part is an inference copy with BatchNormalization folded into the convolutions: the same values.
     if cut == "pool":
         expected = keras.Model(model.inputs[0], model.get_layer("pool").output)(pixels, training=False).numpy()
@@ -230,11 +236,11 @@ def test_bf16_mixed_precision_trains_on_its_own_stored_features_as_through_the_l
     outputs, keys = [], []
     for policy in ("float32", "mixed_bfloat16"):
         keras.utils.set_random_seed(0)
-        classifier, base = build(KerasBackboneConfig(name="resnet50", weights=None), SHAPE, 2, policy)
+        classifier, base = build("resnet50", None, SHAPE, 2, policy=policy)
         freeze(base, len(base.layers))
-        frozen = split_frozen(classifier, base).frozen
-        outputs.append(frozen_features.inference_step(frozen)(pixels).numpy())
-        keys.append(frozen_features.layers_key(frozen))
+        frozen = cut_after_frozen(classifier, base).prefix
+        outputs.append(feature_store.inference_step(frozen)(pixels).numpy())
+        keys.append(feature_store.layers_key(frozen))
     assert keys[0] != keys[1]
     assert outputs[1].dtype == np.float32 and not np.array_equal(*outputs)
     assert np.linalg.norm(outputs[1] - outputs[0]) / np.linalg.norm(outputs[0]) < 0.01  # measured 0.003 at 227 px

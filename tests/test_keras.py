@@ -17,9 +17,10 @@ import keras
 import datasets
 from models.keras_backbones import BACKBONES, build, freeze, frozen_layer_count, load_base
 from runner.app import run
-from runner.config import KerasBackboneConfig, to_run_config
-from runner.errors import ConfigError, TrainingError
-from runner.tracking import Tracker
+from runner.config import to_run_config
+from models.errors import ModelError
+from runner.errors import TrainingError
+from runner.epochs import Epochs
 
 SHAPE = (32, 32, 3)
 RESNET50_LAYERS = 175
@@ -47,7 +48,7 @@ def test_freeze_depth_freezes_the_first_base_layers_and_no_others(resnet_base, f
 
 @pytest.mark.parametrize("freeze_depth", [RESNET50_LAYERS + 1, 1000])
 def test_freeze_depth_out_of_range_gives_the_valid_range_and_layer_count(resnet_base, freeze_depth):
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(ModelError) as err:
         frozen_layer_count(resnet_base, freeze_depth)
     message = str(err.value)
     assert message.startswith("freeze_depth:") and f"got {freeze_depth}" in message
@@ -55,7 +56,7 @@ def test_freeze_depth_out_of_range_gives_the_valid_range_and_layer_count(resnet_
 
 
 def test_freeze_depth_out_of_range_fails_before_any_training(make_cfg, client):
-    with pytest.raises(ConfigError, match=r"0\.\.19"):
+    with pytest.raises(ModelError, match=r"0\.\.19"):
         run(make_cfg("model=vgg16", "model.weights=null", "freeze_depth=20", "fine_tune_lr=1e-4"))
     found = only_run(client)
     assert found.info.status == "FAILED" and "val_accuracy" not in found.data.metrics
@@ -77,7 +78,7 @@ def test_phases_follow_freeze_depth_and_fine_tune_lr(make_cfg, resnet_base, over
 
 @pytest.mark.parametrize("name", ["resnet50", "vgg16"])
 def test_the_model_applies_the_backbones_own_preprocess_input(name):
-    model, _ = build(KerasBackboneConfig(name=name, weights=None), SHAPE, 2)
+    model, _ = build(name, None, SHAPE, 2)
     pixels = np.random.default_rng(0).uniform(0, 255, (2, *SHAPE)).astype(np.float32)
     inside = keras.Model(model.input, model.get_layer("preprocess_input").output).predict(pixels, verbose=0)
     np.testing.assert_allclose(inside, BACKBONES[name].preprocess_input(pixels.copy()), atol=1e-4)
@@ -87,7 +88,7 @@ def test_the_model_applies_the_backbones_own_preprocess_input(name):
 def test_weights_file_that_is_missing_or_does_not_fit_is_a_config_error(tmp_path, file, reason):
     load_base("vgg16", None, SHAPE).save_weights(tmp_path / "vgg16.weights.h5")
     (tmp_path / "junk.h5").write_text("not a weights file")
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(ModelError) as err:
         load_base("resnet50", str(tmp_path / file), SHAPE)
     message = str(err.value)
     assert message.startswith("model.weights:") and file in message and reason in message
@@ -115,18 +116,18 @@ def test_frozen_layers_keep_the_loaded_weights_and_the_others_train(make_cfg, cl
 def test_fine_tune_lr_trains_the_head_then_the_unfrozen_layers_in_one_run(make_cfg, client, monkeypatch):
     fits: list[tuple[float, int, int]] = []
     epochs: list[tuple[int, str]] = []
-    keras_fit, log_epoch = keras.Model.fit, Tracker.log_epoch
+    keras_fit, end_epoch = keras.Model.fit, Epochs.end
 
     def spy_fit(model, *args, **kwargs):
         fits.append((float(model.optimizer.learning_rate), len(model.trainable_weights), kwargs["initial_epoch"]))
         return keras_fit(model, *args, **kwargs)
 
-    def spy_log_epoch(tracker, step, metrics, phase="train"):
+    def spy_end(self, step, metrics, save, phase="train", lr_key="optimizer.lr"):
         epochs.append((step, phase))
-        log_epoch(tracker, step, metrics, phase)
+        end_epoch(self, step, metrics, save, phase, lr_key)
 
     monkeypatch.setattr(keras.Model, "fit", spy_fit)
-    monkeypatch.setattr(Tracker, "log_epoch", spy_log_epoch)
+    monkeypatch.setattr(Epochs, "end", spy_end)
     run(make_cfg("model=vgg16", "model.weights=null", "freeze_depth=15", "optimizer.lr=0.01",
                  "fine_tune_lr=0.001", "trainer.epochs=1", "trainer.fine_tune_epochs=1"))
 

@@ -25,6 +25,7 @@ from PIL import Image
 from datasets import concrete_cracks
 from datasets.folder import decode_into
 from runner import __main__ as entry
+from datasets import stopping
 from runner import interrupt
 
 STOP_WITHIN_S = 3.0  # signal to exit; measured 0.3-0.9 s on 2 busy cores
@@ -36,7 +37,7 @@ GENERATING = ["dataset.samples_per_class=400", "dataset.source_size=454", "datas
 @pytest.fixture
 def stop_requested(monkeypatch: pytest.MonkeyPatch) -> None:
     """As if Ctrl-C had been pressed in ``python -m runner``."""
-    monkeypatch.setattr(interrupt, "_requested", "SIGINT")
+    monkeypatch.setattr(stopping, "_requested", "SIGINT")
 
 
 # --------------------------------------------------------------------- processes, from /proc
@@ -216,7 +217,7 @@ def test_download_and_extraction_stop_without_partial_files(tmp_path: Path, stop
 def test_sleep_ends_at_a_stop_request(stop_requested: None) -> None:
     start = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
-        interrupt.sleep(30)
+        stopping.sleep(30)
     assert time.monotonic() - start < 1
 
 
@@ -232,7 +233,7 @@ def test_pool_workers_reset_the_runners_handlers_and_die_with_it() -> None:
     previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     interrupt.install()  # what the workers inherit in python -m runner
     try:
-        with interrupt.process_pool(1) as pool:
+        with stopping.process_pool(1) as pool:
             state = pool.apply(_worker_state)
     finally:
         signal.signal(signal.SIGINT, previous[0])
@@ -257,7 +258,7 @@ def test_pool_workers_reset_the_runners_handlers_and_die_with_it() -> None:
     ids=["nothing", "after a run", "in a run", "in a sweep"],
 )
 def test_interruption_message_says_what_was_recorded(monkeypatch, stopped, opened, parents, expected) -> None:
-    monkeypatch.setattr(interrupt, "_stopped_run", stopped)
+    monkeypatch.setattr(interrupt, "_killed_run", stopped)
     monkeypatch.setattr(interrupt, "_opened_runs", opened)
     monkeypatch.setattr(sys, "argv", ["runner", *(["-m"] if parents else []), "optimizer.lr=0.1", "resume=old"])
     assert entry._interrupted(parents) == expected

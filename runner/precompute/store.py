@@ -38,8 +38,7 @@ import tensorflow as tf
 from filelock import FileLock
 from tqdm import tqdm
 
-from datasets import integrity
-from runner import interrupt
+from datasets import integrity, stopping
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +83,7 @@ def inference_step(frozen: keras.Model) -> tf.types.experimental.PolymorphicFunc
 def compute(step: tf.types.experimental.PolymorphicFunction, images: np.ndarray, out: np.ndarray, batch_size: int, desc: str, progress: bool) -> None:
     """``step`` (see :func:`inference_step`) over ``images`` (uint8 or float, 0..255) into ``out``, batch by batch."""
     for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False, disable=not progress):
-        interrupt.check()  # Ctrl-C / SIGTERM: stop between batches (this pass can take minutes)
+        stopping.check()  # Ctrl-C / SIGTERM: stop between batches (this pass can take minutes)
         out[start : start + batch_size] = step(images[start : start + batch_size].astype(np.float32)).numpy()
 
 
