@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -88,15 +87,13 @@ def mounts() -> Iterator[Mounts]:
 def test_a_full_disk_while_decoding_is_one_clear_error_and_leaves_nothing(make_cfg, cli, mounts, tmp_path, in_memory_gb):
     root = synthetic_tree(tmp_path / "tree")  # 24 images: 3.5 MiB of pixels at 227 px
     cache = mounts.tmpfs(tmp_path / "cache", "2m")
-    start = time.monotonic()
     result = cli("dataset=image_folder", f"dataset.path={root}", f"dataset.cache_dir={cache}", "dataset.image_size=227",
                  f"dataset.in_memory_gb={in_memory_gb}", tiny=False)
-    seconds = time.monotonic() - start
     output = result.stdout + result.stderr
     assert result.returncode == 2, output
     assert f"no space left in {cache / 'decoded'} for the decode cache: it needs 3.5 MiB" in output
     assert "set dataset.cache_dir to another folder, or set dataset.decode_cache=false" in output
-    assert "Traceback" not in output and seconds < 60  # the command's start (imports) included
+    assert "Traceback" not in output and "epoch 1" not in output  # stopped at the cache, before any training
     assert not list(cache.rglob("*.partial*"))
     mounts.resize(cache, "16m")  # space freed: the next run decodes into the cache
     assert_freshly_decoded(load(make_cfg, root, cache, in_memory_gb, size=227))

@@ -81,11 +81,10 @@ def test_a_store_left_half_made_gets_the_fix_not_a_traceback(store, tmp_path, cl
     assert cli("trainer.epochs=1").returncode == 0
     with sqlite3.connect(store["uri"].removeprefix("sqlite:///")) as db:  # what a crash in a migration leaves
         db.execute("CREATE TABLE _alembic_tmp_runs (run_uuid VARCHAR(32))")
-    started = time.monotonic()
     result = cli("trainer.epochs=1")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "_alembic_tmp_runs" in result.stderr and "mlflow db upgrade" in result.stderr
-    assert time.monotonic() - started < 60
+    assert "data:" not in result.stderr  # found when the store opened, before the data loaded
 
 
 def test_a_run_whose_process_was_killed_is_closed_by_the_next_run(store, data_cache, tmp_path, cli):

@@ -43,43 +43,39 @@ def statuses(uri: str) -> list[str]:
     return [r.info.status for r in client.search_runs([exp.experiment_id])] if exp else []
 
 
-def assert_clear_failure(result: subprocess.CompletedProcess, folder: Path, started: float, *words: str) -> None:
+def assert_clear_failure(result: subprocess.CompletedProcess, folder: Path, *words: str) -> None:
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert str(folder) in result.stderr and all(w in result.stderr for w in words), result.stderr[-2000:]
-    assert time.monotonic() - started < 120
+    assert "epoch 2 " not in result.stderr  # found at once: at the start-up checks or the first write, not at the end
 
 
 def test_read_only_store_folder_fails_at_once_naming_it(mount, cli):
     folder = mount("store", readonly=True)
-    started = time.monotonic()
     result = cli(f"tracking.uri=sqlite:///{folder / 'mlflow.db'}")
-    assert_clear_failure(result, folder, started, "tracking.uri")
+    assert_clear_failure(result, folder, "tracking.uri")
     assert "data:" not in result.stderr  # failed before the data was loaded
 
 
 def test_read_only_artifact_folder_fails_at_once_naming_it(mount, cli, store):
     folder = mount("artifacts", readonly=True)
-    started = time.monotonic()
     result = cli(f"tracking.artifact_root={folder}")
-    assert_clear_failure(result, folder, started, "tracking.artifact_root")
+    assert_clear_failure(result, folder, "tracking.artifact_root")
     assert statuses(store["uri"]) == []  # no run opened
 
 
 def test_full_artifact_disk_ends_the_run_failed_with_the_folder_named(mount, cli, store):
     folder = mount("artifacts", size="160k")  # room for the start-up check, not for the run
-    started = time.monotonic()
     result = cli(f"tracking.artifact_root={folder}", "trainer.epochs=5")
-    assert_clear_failure(result, folder, started, "Free space")
+    assert_clear_failure(result, folder, "Free space")
     assert statuses(store["uri"]) == ["FAILED"]
     assert not list(folder.rglob("*partial*"))
 
 
 def test_full_checkpoint_disk_ends_the_run_failed_and_leaves_no_partial_file(mount, cli, store):
     folder = mount("outputs", size="40k")
-    started = time.monotonic()
     result = cli(f"hydra.run.dir={folder}", "trainer.epochs=5", "dataset.image_size=64")  # a checkpoint of ~200 kB
-    assert_clear_failure(result, folder, started, "Free space")
+    assert_clear_failure(result, folder, "Free space")
     assert statuses(store["uri"]) == ["FAILED"]
     assert not list(folder.rglob("*partial*"))
 
@@ -113,6 +109,5 @@ def test_store_that_fills_mid_run_is_closed_by_the_next_run(mount, cli, store, d
 @pytest.mark.parametrize("key", ["hydra.run.dir", "hydra.sweep.dir"])
 def test_read_only_output_folder_is_one_message_not_hydras_traceback(mount, cli, key):
     folder = mount("outputs", readonly=True)
-    started = time.monotonic()
     result = cli(*(["-m"] if key == "hydra.sweep.dir" else []), f"{key}={folder / 'run'}")
-    assert_clear_failure(result, folder, started, key)
+    assert_clear_failure(result, folder, key)
