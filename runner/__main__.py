@@ -12,11 +12,13 @@ from omegaconf import DictConfig
 
 from runner import interrupt
 from runner.config import register_schemas
+from runner.console import missing_plugin, register_resolvers
 from runner.errors import USER_ERRORS
 
 log = logging.getLogger("runner")
 
 register_schemas()
+register_resolvers()
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
@@ -34,6 +36,9 @@ def main(cfg: DictConfig) -> float:
 def cli() -> None:
     """Run ``main``; if a sweep dies, its MLflow parent run is closed as FAILED or KILLED, never left RUNNING."""
     interrupt.install()  # Ctrl-C and `kill` stop the run at the next safe point, marked KILLED
+    if (problem := missing_plugin(sys.argv[1:])) is not None:  # before Hydra, which only says "Could not find"
+        log.error("%s", problem)
+        sys.exit(2)
     status = "FAILED"
     try:
         main()

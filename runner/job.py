@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,9 +80,14 @@ def _threads_per_job(launcher: DictConfig) -> int | None:
 
 
 def localise(run: RunConfig, job: JobContext) -> RunConfig:
-    """Absolute data paths, and threads shared out so parallel sweep jobs don't oversubscribe the cores."""
+    """Absolute data paths, threads shared out so parallel sweep jobs don't oversubscribe the cores,
+    and progress bars only where a person watches (a terminal on stderr and stdout, never a file or pipe)."""
     run.dataset.cache_dir = str(absolute_path(run.dataset.cache_dir))
-    run.trainer = dataclasses.replace(run.trainer, feature_cache_dir=str(absolute_path(run.trainer.feature_cache_dir)))
+    run.trainer = dataclasses.replace(
+        run.trainer,
+        feature_cache_dir=str(absolute_path(run.trainer.feature_cache_dir)),
+        progress=run.trainer.progress and sys.stderr.isatty() and sys.stdout.isatty(),
+    )
     if run.dataset.path:
         run.dataset.path = str(absolute_path(run.dataset.path))
     if run.trainer.num_threads is None:

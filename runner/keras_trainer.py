@@ -21,10 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runner.console import quiet_native_logs
+
 # Before keras and tensorflow are imported: Keras on TensorFlow (a KERAS_BACKEND=torch in
 # the shell would import torch), and without TensorFlow's C++ info and warning lines.
 os.environ["KERAS_BACKEND"] = "tensorflow"
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # no C++ log lines (oneDNN notes, a harmless NodeDef "error"): set 0 to see them
+quiet_native_logs()  # the same for those TensorFlow logs through absl, which ignores that variable
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

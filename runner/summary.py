@@ -6,7 +6,9 @@ import logging
 
 from tabulate import tabulate
 
-log = logging.getLogger(__name__)
+from runner.console import RESULTS
+
+results = logging.getLogger(RESULTS)  # on stdout (conf/config.yaml), apart from the logs on stderr
 
 
 def ui_command(tracking_uri: str) -> str:
@@ -30,5 +32,5 @@ def report(metrics: dict[str, float], run_id: str, experiment: str, tracking_uri
             f"MLflow UI:   {ui_command(tracking_uri)}   then open http://127.0.0.1:5000",
         ]
     )
-    log.info("run summary:%s", text)
+    results.info("%s", text)
     return text

@@ -7,7 +7,9 @@ places and can be compared side by side in the MLflow UI.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import platform
 import subprocess
 from collections.abc import Callable, Iterator, Mapping
@@ -60,8 +62,31 @@ class Tracker:
         mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """Log the file ``path``; in a local artifact store on the same disk, as a hard link, not a second copy.
+
+        Checkpoints are written in the run's folder (for a resume) and logged each epoch: linked,
+        they take their space once. The run's folder replaces its file atomically (a new inode),
+        so the logged artifact keeps the content it was logged with.
+        """
         with self.writing_artifacts():
-            mlflow.log_artifact(str(path), artifact_path)
+            if not self._link(Path(path), artifact_path):
+                mlflow.log_artifact(str(path), artifact_path)
+
+    def _link(self, path: Path, artifact_path: str | None) -> bool:
+        if not self.artifact_uri.startswith("file://"):
+            return False
+        target = Path(self.artifact_uri.removeprefix("file://"), artifact_path or "", path.name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staged = target.with_name(f".{target.name}.link")
+        try:
+            staged.unlink(missing_ok=True)
+            os.link(path, staged)
+        except OSError as err:
+            if err.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):  # another disk, or no links here
+                return False
+            raise
+        os.replace(staged, target)
+        return True
 
     def log_json(self, data: Any, name: str) -> None:
         with self.writing_artifacts():

@@ -17,7 +17,9 @@ import numpy as np
 
 from datasets import DataSplits
 from runner.config import RunConfig
+from runner.console import INSTALL_ALL
 from runner.epochs import Epochs
+from runner.errors import ConfigError
 from runner.tracking import Tracker
 
 
@@ -57,8 +59,21 @@ class Trainer(Protocol):
 
 
 TRAINERS = {"torch": "runner.torch_trainer", "keras": "runner.keras_trainer"}
+# What each framework needs installed, and the pyproject extra that brings it.
+FRAMEWORK_MODULES = {"torch": ({"torch"}, "torch"), "keras": ({"keras", "tensorflow"}, "keras")}
 
 
 def trainer_for(framework: str) -> Trainer:
-    """The trainer for ``framework`` (``model.framework``), importing only that framework."""
-    return cast(Trainer, importlib.import_module(TRAINERS[framework]))
+    """The trainer for ``framework`` (``model.framework``), importing only that framework.
+
+    A framework that is not installed is a ConfigError naming the extra that brings it.
+    """
+    try:
+        return cast(Trainer, importlib.import_module(TRAINERS[framework]))
+    except ModuleNotFoundError as err:
+        modules, extra = FRAMEWORK_MODULES[framework]
+        if (err.name or "").split(".")[0] not in modules:
+            raise
+        raise ConfigError(
+            f"model.framework={framework}: {err.name} is not installed. Install it with pip install -e '.[{extra}]', or {INSTALL_ALL}."
+        ) from None
