@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from runner.errors import RunnerError, storage_error
 from runner.evaluate import evaluate_and_log
 from runner.files import absolute_path, check_writable
 from runner.seeding import seed_everything
-from runner.store import absolute_tracking_uri, open_store
+from runner.store import RAY_NODE_TAG, absolute_tracking_uri, open_store
 from runner.sweep import SWEEP_ID_KEY, SWEEP_PARENT_KEY
 from runner.tracking import RunSpec, prepare_resume, start_run
 
@@ -41,9 +42,11 @@ class JobContext:
     sweep_parent: str | None = None
     job_num: int = 0
     threads: int | None = None  # None: all cores (one job at a time)
+    ray_node: str | None = None  # the Ray node running this job (Ray launcher), so a run shows where it ran
 
 
 def job_context() -> JobContext:
+    """What Hydra (and Ray, when it launched the job) tells this job about its sweep, folder and cores."""
     if not HydraConfig.initialized():  # called from Python (tests, notebooks) without @hydra.main
         return JobContext(Path(tempfile.mkdtemp(prefix="runner-")))
     hc = HydraConfig.get()
@@ -57,7 +60,14 @@ def job_context() -> JobContext:
         sweep_parent=hc.job.env_set.get(SWEEP_PARENT_KEY),
         job_num=int(hc.job.num),
         threads=_threads_per_job(hc.launcher),
+        ray_node=_ray_node(),
     )
+
+
+def _ray_node() -> str | None:
+    """The id of the Ray node this process runs on, or None outside Ray (never imports Ray itself)."""
+    ray = sys.modules.get("ray")
+    return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
 
 
 def own_folder(folder: Path) -> Path:
@@ -133,6 +143,7 @@ def _run(cfg: DictConfig) -> float:
         "skipped_images": len(data.skipped),
         "output_dir": str(job.output_dir),  # this run's checkpoints and logs on its machine
         **({"sweep_job": job.job_num} if job.sweep else {}),
+        **({RAY_NODE_TAG: job.ray_node} if job.ray_node else {}),
     }
     params = {
         **trainer.versions(),
