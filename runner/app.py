@@ -18,7 +18,7 @@ from runner.errors import USER_ERRORS, storage_error
 from runner.evaluate import evaluate_and_log
 from runner.job import JobContext, job_context, localise
 from runner.seeding import seed_everything
-from runner.store import absolute_tracking_uri, open_store
+from runner.store import RAY_NODE_TAG, absolute_tracking_uri, open_store
 from runner.tracking import RunSpec, prepare_resume, start_run
 from runner.trainer import Trainer, trainer_for
 
@@ -73,6 +73,7 @@ def run_spec(run_cfg: RunConfig, job: JobContext, experiment_id: str, trainer: T
         "skipped_images": len(data.skipped),
         "output_dir": str(job.output_dir),  # this run's checkpoints and logs on its machine
         **({"sweep_job": job.job_num} if job.sweep else {}),
+        **({RAY_NODE_TAG: job.ray_node} if job.ray_node else {}),
     }
     params = {
         **trainer.versions(),

@@ -19,6 +19,7 @@ from tabulate import tabulate
 
 from runner.config import MINIMISED
 from runner.errors import USER_ERRORS, RunnerError
+from runner.store import check_server
 from runner.tracking import SWEEP_PARENT_ROLE
 
 DEFAULT_METRICS = ("val_accuracy", "test_accuracy", "test_f1", "test_roc_auc", "test_loss")
@@ -28,6 +29,7 @@ NOISE_PARAMS = {"num_train", "num_val", "num_test", "threads", "trainer.num_thre
 
 def load_runs(uri: str, experiment: str, sweep: str | None, latest_sweep: bool) -> tuple[pd.DataFrame, str | None]:
     """Finished and failed runs (no sweep parents) of ``experiment``, narrowed to one sweep if asked."""
+    check_server(uri)
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)

@@ -48,7 +48,7 @@ def config_groups() -> str:
     Read from the folder, so it never goes stale; the typed schemas Hydra also knows (``schema/*``) are internal.
     """
     lines = []
-    for group in sorted(p for p in CONF.iterdir() if p.is_dir()):
+    for group in sorted(p for p in CONF.iterdir() if p.is_dir() and p.name != "hydra"):  # hydra/: Hydra's own groups
         options = sorted(f.stem for f in group.glob("*.yaml"))
         lines.append(f"{group.name}: {', '.join(options)}")
     return "\n".join(lines)

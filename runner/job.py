@@ -31,6 +31,7 @@ class JobContext:
     sweep_parent: str | None = None
     job_num: int = 0
     threads: int | None = None  # None: all cores (one job at a time)
+    ray_node: str | None = None  # the Ray node running this job (Ray launcher), so a run shows where it ran
 
 
 def job_context() -> JobContext:
@@ -47,7 +48,14 @@ def job_context() -> JobContext:
         sweep_parent=hc.job.env_set.get(SWEEP_PARENT_KEY),
         job_num=int(hc.job.num),
         threads=_threads_per_job(hc.launcher),
+        ray_node=_ray_node(),
     )
+
+
+def _ray_node() -> str | None:
+    """The id of the Ray node this process runs on, or None outside Ray (never imports Ray itself)."""
+    ray = sys.modules.get("ray")
+    return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
 
 
 def own_folder(folder: Path) -> Path:

@@ -73,7 +73,10 @@ def image_files(inputs: Sequence[Path]) -> list[Path]:
 
 
 def _check_store(tracking_uri: str) -> None:
-    """A sqlite store that is not there is a wrong path, not a new empty store to create."""
+    """A sqlite store that is not there is a wrong path, not a new empty store to create; a server must let us in."""
+    from runner.store import check_server
+
+    check_server(tracking_uri)
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
         raise ConfigError(
             f"no MLflow store at {tracking_uri}: run from the folder that holds it, or pass the store of the run "

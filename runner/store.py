@@ -7,7 +7,8 @@ Three things go wrong with a store before a single metric is logged, and each is
   checks it under an inter-process lock beside the database file, and a store damaged by an
   old crash gets a message with the fix instead of a SQLAlchemy traceback.
 - A store, an artifact folder or a server that cannot be written is found in seconds, before
-  the data loads, with the folder and what it needs named.
+  the data loads, with the folder and what it needs named; so is a server that refuses this
+  client's credentials (MLflow's basic-auth app), with how to give them.
 - A run whose process died (SIGKILL, the out-of-memory killer, a power cut) stays RUNNING
   forever. Every run records where it runs (:func:`process_tags`); opening the store marks
   RUNNING runs of this host whose process is gone as KILLED and says how to resume them.
@@ -26,6 +27,8 @@ from pathlib import Path
 import mlflow
 import requests
 from filelock import FileLock, Timeout
+from mlflow.utils.credentials import get_default_host_creds, read_mlflow_creds
+from mlflow.utils.rest_utils import http_request
 
 from runner.errors import ConfigError, StorageError
 from runner.files import absolute_path, check_writable
@@ -35,6 +38,8 @@ log = logging.getLogger(__name__)
 NEW_STORE_MB = 2  # what MLflow's migrations of an empty sqlite store write, rounded up
 LOCK_TIMEOUT_S = 300  # creating a store takes seconds; a lock held longer means a hung process
 HOST_TAG, PROCESS_TAG, STARTED_TAG = "runner.host", "runner.pid", "runner.started"
+RAY_NODE_TAG = "runner.ray_node"  # set by jobs that Ray ran (runner.app.job_context)
+REFUSED = (401, 403)  # what an MLflow server with authentication answers a client it does not let in
 
 
 def absolute_tracking_uri(uri: str) -> str:
@@ -70,14 +75,7 @@ def open_store(uri: str, experiment: str, artifact_root: str) -> str:
     Called before the data is loaded, so a wrong tracking.uri fails in seconds, and a server
     that does not answer fails at once instead of after MLflow's minutes of retries.
     """
-    if uri.startswith(("http://", "https://")):
-        try:
-            requests.get(f"{uri.rstrip('/')}/health", timeout=10).raise_for_status()
-        except requests.RequestException as err:
-            raise ConfigError(
-                f"tracking.uri={uri} does not answer ({type(err).__name__}: {err}). "
-                "Start the server, or use a local store: tracking.uri=sqlite:///mlflow.db"
-            ) from None
+    check_server(uri)
     database = sqlite_file(uri)
     if database is not None:
         _open_sqlite(database, uri)
@@ -94,6 +92,32 @@ def open_store(uri: str, experiment: str, artifact_root: str) -> str:
         check_writable(Path(artifacts.removeprefix("file://")), "the artifact folder", "tracking.artifact_root (new experiments)")
     close_dead_runs(uri, exp_id)
     return exp_id
+
+
+def check_server(uri: str) -> None:
+    """An http(s) tracking server answers and lets this client in on a real API call (``/health`` needs no login).
+
+    A server with authentication refuses a client without credentials or with wrong ones; MLflow
+    would report that deep in the first logging call, so it is found here, with the fix.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=10).raise_for_status()
+        answer = http_request(get_default_host_creds(uri), "/api/2.0/mlflow/experiments/search", "GET",
+                              params={"max_results": 1}, max_retries=0, timeout=30)
+    except (requests.RequestException, mlflow.exceptions.MlflowException) as err:
+        raise ConfigError(
+            f"tracking.uri={uri} does not answer ({type(err).__name__}: {err}). "
+            "Start the server, or use a local store: tracking.uri=sqlite:///mlflow.db"
+        ) from None
+    if answer.status_code in REFUSED:
+        user = read_mlflow_creds().username
+        who = f"the user {user!r} with the password given" if user else "a client without credentials"
+        raise ConfigError(
+            f"tracking.uri={uri} refused {who} (HTTP {answer.status_code}). Set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD (or ~/.mlflow/credentials) to an account of that server that may write runs."
+        )
 
 
 def experiment_id(uri: str, name: str, artifact_root: str) -> str:

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,6 +13,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+import services
 from runner.config import register_schemas
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,22 +73,16 @@ def client(store: dict[str, str]) -> mlflow.MlflowClient:
 
 @pytest.fixture
 def cli(store: dict[str, str], data_cache: Path, tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
-    """Run ``python -m runner`` in a subprocess, in tmp, against the tmp store."""
+    """Run ``python -m runner`` in a subprocess, in tmp, against the tmp store (``env``: more variables)."""
 
-    def _run(*args: str, tiny: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-        env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"], "CRACK_RUNNER_DATA": str(data_cache)}
+    def _run(*args: str, tiny: bool = True, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"], "CRACK_RUNNER_DATA": str(data_cache), **(env or {})}
         flags = [a for a in args if a.startswith("-")]  # Hydra wants -m and --help before the overrides
         overrides = [a for a in args if not a.startswith("-")]
         cmd = [sys.executable, "-m", "runner", *flags, *(TINY if tiny else []), f"tracking.artifact_root={store['artifacts']}", *overrides]
         return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
 
     return _run
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
@@ -104,32 +95,13 @@ def mlflow_server(tmp_path: Path) -> Iterator[Callable[..., str]]:
     servers: list[subprocess.Popen] = []
 
     def start(*store_args: str, timeout: float = 90) -> str:
-        port = _free_port()
-        url = f"http://127.0.0.1:{port}"
-        log = tmp_path / f"mlflow-server-{port}.log"
-        command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *store_args]
-        env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
-        with open(log, "w") as out:
-            servers.append(subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True))
-        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
-        deadline = time.monotonic() + timeout
-        while True:
-            if servers[-1].poll() is not None:
-                pytest.fail(f"mlflow server exited with status {servers[-1].returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                with direct.open(f"{url}/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        return url
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"mlflow server did not answer at {url} within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
-                time.sleep(0.5)
+        try:
+            server, url = services.start_mlflow_server(tmp_path / f"mlflow-server-{len(servers)}.log", *store_args, timeout=timeout)
+        except RuntimeError as err:
+            pytest.fail(str(err))
+        servers.append(server)
+        return url
 
     yield start
     for server in servers:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        services.stop(server)

@@ -21,9 +21,9 @@ def sweep_runs(uri: str, experiment: str = "crack-classification") -> tuple[list
     return parents, [r for r in runs if r not in parents]
 
 
-def assert_grouped(uri: str, n_jobs: int) -> list:
+def assert_grouped(uri: str, n_jobs: int, experiment: str = "crack-classification") -> list:
     """One FINISHED parent, n_jobs FINISHED complete jobs nested under it, none RUNNING."""
-    (parent,), jobs = sweep_runs(uri)
+    (parent,), jobs = sweep_runs(uri, experiment)
     assert parent.info.status == "FINISHED"
     assert len(jobs) == n_jobs
     for job in jobs:

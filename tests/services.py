@@ -1,0 +1,276 @@
+"""Real services for the tests and the load benchmark: PostgreSQL, an MLflow server (with or without
+basic auth) and a Ray cluster of separate node processes, each started the way the README tells a person to.
+
+Secrets never appear on a command line (``ps`` shows every user those): the database password
+reaches libpq through a pgpass file (``PGPASSFILE``), MLflow's admin password through the
+environment at the auth app's first start, and clients' credentials through
+``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``. Every process is started in its own
+session and stopped by its process group, so nothing of other users' (their Ray clusters,
+their databases) is touched.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+RUNNER_USER = "runner"  # the account that jobs log in as
+
+
+class Unavailable(Exception):
+    """A service cannot start on this machine (not installed, no permission): tests skip with this reason."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(ready: Callable[[], bool], process: subprocess.Popen, what: str, log: Path, timeout: float) -> None:
+    """Poll ``ready`` until it holds; fail with the log's tail if ``process`` exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {process.returncode}:\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not come up within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.3)
+
+
+def stop(process: subprocess.Popen, timeout: float = 5) -> None:
+    """SIGTERM the process group of ``process`` (started with start_new_session), SIGKILL it if it lingers."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=timeout)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def answers(url: str) -> bool:
+    try:
+        return requests.get(f"{url}/health", timeout=2, proxies={"http": "", "https": ""}).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def start_mlflow_server(log: Path, *store_args: str, env: dict[str, str] | None = None, timeout: float = 90) -> tuple[subprocess.Popen, str]:
+    """``mlflow server`` on 127.0.0.1 at a free port with ``store_args``; returns the process and its URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *store_args]
+    full_env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", **(env or {})}
+    with open(log, "w") as out:
+        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+    try:
+        wait_until(lambda: answers(url), server, "mlflow server", log, timeout)
+    except RuntimeError:
+        stop(server)
+        raise
+    return server, url
+
+
+def write_secret(path: Path, text: str, owner: str | None = None) -> Path:
+    """A file only its owner can read (mode 600): where passwords live instead of command lines."""
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    path.write_text(text)
+    if owner is not None:
+        shutil.chown(path, owner, owner)
+    return path
+
+
+def postgres_bindir() -> Path:
+    """Where initdb and pg_ctl are: on PATH, or Debian's /usr/lib/postgresql/VERSION/bin (newest)."""
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    debian = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[-3]))
+    if not debian:
+        raise Unavailable("PostgreSQL is not installed (apt-get install postgresql)")
+    return Path(debian[-1]).parent
+
+
+@dataclass
+class Postgres:
+    """A throwaway PostgreSQL cluster on 127.0.0.1 with a role ``mlflow`` owning databases ``mlflow`` and ``mlflow_auth``.
+
+    The role's password is in ``pgpass`` (mode 600) only; clients set ``PGPASSFILE`` to it.
+    """
+
+    folder: Path
+    port: int
+    pgpass: Path
+    as_owner: list[str] = field(default_factory=list)  # runuser prefix when running as root
+
+    def uri(self, database: str) -> str:
+        return f"postgresql+psycopg://mlflow@127.0.0.1:{self.port}/{database}"
+
+    def stop(self) -> None:
+        subprocess.run([*self.as_owner, str(postgres_bindir() / "pg_ctl"), "-D", str(self.folder / "data"), "-m", "fast", "stop"],
+                       capture_output=True, timeout=60)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def start_postgres(pgpass_dir: Path) -> Postgres:
+    """initdb and start a cluster in a new /tmp folder (as the ``postgres`` user when root: initdb refuses root).
+
+    Local socket connections use peer authentication (only the cluster's owner is its superuser);
+    TCP connections need a password (scram-sha-256). ``pgpass_dir`` receives the client's pgpass file.
+    """
+    bindir = postgres_bindir()
+    owner = None
+    if os.geteuid() == 0:
+        try:
+            owner = pwd.getpwnam("postgres").pw_name
+        except KeyError:
+            raise Unavailable("running as root and there is no `postgres` user to own the cluster") from None
+    as_owner = ["runuser", "-u", owner, "--"] if owner else []
+    folder = Path(tempfile.mkdtemp(prefix="pg-"))  # short, and outside pytest's root-only folders
+    if owner:
+        shutil.chown(folder, owner, owner)
+    port, password = free_port(), secrets.token_urlsafe(24)
+
+    def run(*command: str, stdin: str | None = None) -> None:
+        done = subprocess.run([*as_owner, *command], input=stdin, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise Unavailable(f"PostgreSQL could not start: {' '.join(command[:2])}: {(done.stderr or done.stdout)[-1500:]}")
+
+    run(str(bindir / "initdb"), "-D", str(folder / "data"), "--auth-local=peer", "--auth-host=scram-sha-256", "-E", "UTF8", "--no-sync")
+    options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+    run(str(bindir / "pg_ctl"), "-D", str(folder / "data"), "-l", str(folder / "server.log"), "-o", options, "-w", "start")
+    # The role's password goes in through stdin, never argv.
+    sql = (f"CREATE ROLE mlflow LOGIN PASSWORD '{password}';\n"
+           "CREATE DATABASE mlflow OWNER mlflow;\nCREATE DATABASE mlflow_auth OWNER mlflow;\n")
+    run(str(bindir / "psql"), "-h", str(folder), "-p", str(port), "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-q", "-f", "-", stdin=sql)
+    pgpass = write_secret(pgpass_dir / "pgpass", f"127.0.0.1:{port}:*:mlflow:{password}\n")
+    return Postgres(folder, port, pgpass, as_owner)
+
+
+@dataclass
+class AuthServer:
+    """An MLflow server with the basic-auth app on PostgreSQL, artifacts proxied; a user for the jobs."""
+
+    process: subprocess.Popen
+    url: str
+    db: Postgres
+    admin_password: str
+    runner_password: str
+
+    def credentials(self, password: str | None = None) -> dict[str, str]:
+        """Environment for a client logging in as the jobs' user (with ``password`` to try a wrong one)."""
+        return {"MLFLOW_TRACKING_USERNAME": RUNNER_USER, "MLFLOW_TRACKING_PASSWORD": password or self.runner_password}
+
+    def stop(self) -> None:
+        stop(self.process)
+        self.db.stop()
+
+
+def start_auth_server(db: Postgres, folder: Path, timeout: float = 120) -> AuthServer:
+    """``mlflow server --app-name basic-auth`` on ``db``: tracking and auth databases, artifacts under ``folder``.
+
+    The admin's password is a fresh secret given at the first start (MLflow has no default one);
+    the jobs' user is then created by the admin through the REST API. No secret is in argv or in a
+    config file other than the pgpass file.
+    """
+    config = folder / "basic_auth.ini"
+    config.write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = {db.uri('mlflow_auth')}\n"
+        "admin_username = admin\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        "auth_cache_ttl_seconds = 60\n"  # a password is checked (scrypt, ~0.1 s of CPU) once a minute, not per request
+    )
+    admin_password, runner_password = secrets.token_urlsafe(18), secrets.token_urlsafe(18)
+    env = {
+        "PGPASSFILE": str(db.pgpass),
+        "MLFLOW_AUTH_CONFIG_PATH": str(config),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+    }
+    try:
+        process, url = start_mlflow_server(
+            folder / "mlflow-server.log", "--app-name", "basic-auth", "--backend-store-uri", db.uri("mlflow"),
+            "--artifacts-destination", str(folder / "artifacts"), env=env, timeout=timeout,
+        )
+    except RuntimeError:
+        db.stop()
+        raise
+    server = AuthServer(process, url, db, admin_password, runner_password)
+    created = requests.post(f"{url}/api/2.0/mlflow/users/create", json={"username": RUNNER_USER, "password": runner_password},
+                            auth=("admin", admin_password), timeout=30, proxies={"http": "", "https": ""})
+    if created.status_code != 200:
+        server.stop()
+        raise RuntimeError(f"creating the user {RUNNER_USER} failed: {created.status_code} {created.text[:500]}")
+    return server
+
+
+@dataclass
+class RayCluster:
+    """A Ray head and worker nodes, each a separate ``ray start --block`` with its own temp folder and ports."""
+
+    address: str
+    nodes: list[subprocess.Popen]
+    folders: list[Path]
+    env: dict[str, str]  # what a driver needs to join: the cluster's auth token
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):
+            stop(node)  # a node drains for up to 30 s on SIGTERM; nothing here needs draining
+        for folder in self.folders:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def start_ray_cluster(node_envs: list[dict[str, str]], timeout: float = 120) -> RayCluster:
+    """A head (``node_envs[0]``) and one worker per further entry, one CPU each, joined by a fresh auth token.
+
+    Every port is chosen free, so clusters of other users on this machine are neither joined nor disturbed.
+    """
+    if shutil.which("ray") is None:
+        raise Unavailable("Ray is not installed (pip install -e '.[sweep]')")
+    token_dir = Path(tempfile.mkdtemp(prefix="ray-token-"))
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(write_secret(token_dir / "token", secrets.token_hex(32)))}
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    nodes: list[subprocess.Popen] = []
+    folders = [token_dir]
+    cluster = RayCluster(address, nodes, folders, auth)
+    for index, node_env in enumerate(node_envs):
+        folder = Path(tempfile.mkdtemp(prefix="ray-"))  # short: Ray's socket paths must fit in 107 bytes
+        folders.append(folder)
+        role = ["--head", "--port", str(port), "--include-dashboard", "false", "--dashboard-port", str(free_port()),
+                "--ray-client-server-port", str(free_port())] if index == 0 else ["--address", address]
+        command = ["ray", "start", *role, "--block", "--temp-dir", str(folder), "--num-cpus", "1",
+                   "--object-store-memory", str(80 * 2**20), "--disable-usage-stats", "--node-ip-address", "127.0.0.1",
+                   "--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port()),
+                   "--runtime-env-agent-port", str(free_port())]
+        log = folder / "ray-start.log"
+        with open(log, "w") as out:
+            nodes.append(subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **auth, **node_env},
+                                          start_new_session=True))
+        try:
+            wait_until(lambda log=log: "Ray runtime started" in log.read_text(), nodes[-1], f"ray node {index}", log, timeout)
+        except RuntimeError as err:
+            cluster.stop()
+            raise Unavailable(f"a Ray node could not start: {str(err)[-1500:]}") from None
+    return cluster
