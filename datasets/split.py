@@ -7,7 +7,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from datasets.errors import DataError
 
@@ -47,6 +46,8 @@ def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: flo
 
 def _split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> SplitIndices:
     """Test first, then val from the rest; scikit-learn's ValueError when a split cannot hold every class."""
+    from sklearn.model_selection import train_test_split  # here: scikit-learn takes seconds to import, and every command imports datasets
+
     index = np.arange(len(labels))
     rest, test = train_test_split(index, test_size=test_fraction, stratify=labels, random_state=seed)
     train, val = train_test_split(rest, test_size=val_fraction / (1.0 - test_fraction), stratify=labels[rest], random_state=seed)

@@ -57,9 +57,7 @@ def cli() -> None:
 
 def _close_sweep_parents(status: str) -> list[str]:
     """Close the parent runs a sweep left open as ``status``; return their ids."""
-    from runner.sweep import close_open_parents  # imported by the sweep callback already; after --help, so help stays fast
-
-    return close_open_parents(status)
+    return interrupt.close_all(status)
 
 
 def _interrupted(parents: list[str]) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Callable
 
 from datasets import stopping
 
@@ -18,6 +19,7 @@ log = logging.getLogger(__name__)
 
 _opened_runs: list[str] = []  # MLflow runs this process opened (tracking.start_run), for the final message
 _killed_run: str | None = None  # the MLflow run a stop ended (marked KILLED by tracking.start_run)
+_closers: list[Callable[[str], list[str]]] = []  # close what a sweep left open (runner.sweep registers one)
 
 
 def install() -> None:
@@ -52,3 +54,14 @@ def killed_run(run_id: str) -> None:
 def stopped_run() -> str | None:
     """The MLflow run a stop ended, or None."""
     return _killed_run
+
+
+def close_at_exit(closer: Callable[[str], list[str]]) -> None:
+    """Have ``closer(status)`` run when the command ends, however it ends (the sweep's parent runs)."""
+    if closer not in _closers:
+        _closers.append(closer)
+
+
+def close_all(status: str) -> list[str]:
+    """Run the registered closers with the command's final status; the ids of the runs they closed."""
+    return [run_id for closer in _closers for run_id in closer(status)]

@@ -22,6 +22,7 @@ from hydra.experimental.callback import Callback
 from mlflow.entities import RunStatus
 from omegaconf import DictConfig, open_dict, read_write
 
+from runner import interrupt
 from runner.config import MINIMISED
 from runner.errors import USER_ERRORS, RunnerError, storage_error
 from runner.store import absolute_tracking_uri, open_store, process_tags
@@ -91,6 +92,7 @@ class MlflowSweepCallback(Callback):
         for key, value in params.items():
             client.log_param(run.info.run_id, f"sweep.{key}", value)
         _open_parents[run.info.run_id] = uri
+        interrupt.close_at_exit(close_open_parents)
         self.parent = run.info.run_id
         # Every job's config is composed again from hydra.overrides.hydra: what is added there reaches them all.
         with read_write(config.hydra), open_dict(config.hydra):
