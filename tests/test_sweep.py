@@ -70,7 +70,7 @@ def test_joblib_runs_four_jobs_in_parallel_without_losing_any(cli, store):
     result = cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=4", "optimizer.lr=0.1,0.01,0.001,0.0001")
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = assert_grouped(store["uri"], 4)
-    assert {j.data.params["threads"] for j in jobs} == {"1"}  # 2 cores shared by 4 processes
+    assert {j.data.params["trainer.num_threads"] for j in jobs} == {"1"}  # 2 cores shared by 4 processes
     client = mlflow.MlflowClient(store["uri"])
     for job in jobs:
         assert {a.path for a in client.list_artifacts(job.info.run_id, "checkpoints")} == {"checkpoints/last.pt"}
@@ -81,7 +81,7 @@ def test_ray_launcher_runs_two_jobs(cli, store):
     result = cli("-m", "hydra/launcher=ray", "+hydra.launcher.ray.init.num_cpus=2", "optimizer.lr=0.01,0.001")
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = assert_grouped(store["uri"], 2)
-    assert {j.data.params["threads"] for j in jobs} == {"1"}  # one core per Ray task
+    assert {j.data.params["trainer.num_threads"] for j in jobs} == {"1"}  # one core per Ray task
 
 
 def test_optuna_search_logs_every_trial(cli, store):
