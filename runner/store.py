@@ -23,6 +23,7 @@ import socket
 import sqlite3
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import mlflow
 import requests
@@ -88,7 +89,7 @@ def open_store(uri: str, experiment: str, artifact_root: str) -> str:
             f"tracking.uri={uri} cannot be used: {type(err).__name__}: {str(err)[:300]}. "
             "Check the URI, or use a local store: tracking.uri=sqlite:///mlflow.db"
         ) from None
-    if artifacts.startswith("file:") or "://" not in artifacts:
+    if urlparse(artifacts).scheme in ("", "file"):  # a folder of this machine (not mlflow-artifacts:/1, s3://...)
         check_writable(Path(artifacts.removeprefix("file://")), "the artifact folder", "tracking.artifact_root (new experiments)")
     close_dead_runs(uri, exp_id)
     return exp_id
@@ -135,20 +136,26 @@ def experiment_id(uri: str, name: str, artifact_root: str) -> str:
 
 
 def _open_sqlite(database: Path, uri: str) -> None:
-    """Create or check the sqlite store under a lock, so concurrent first opens never race its migrations."""
+    """Create the sqlite store under a lock, so concurrent first opens never race its migrations; then check it.
+
+    Only creation takes the lock: a store is moved into place complete, so one that exists can be
+    checked by many processes at once (16 runs serialised on the lock while each checked the schema,
+    seconds of imports on a busy machine, and one waited past LOCK_TIMEOUT_S: experiments.md).
+    """
     check_writable(database.parent, "the tracking store's folder", "tracking.uri")
     if database.exists() and not os.access(database, os.R_OK | os.W_OK):
         raise StorageError(f"the tracking store {database} cannot be read and written. Fix its permissions or set tracking.uri.")
     try:
-        with FileLock(f"{database}.lock", timeout=LOCK_TIMEOUT_S):
-            if not database.exists() or database.stat().st_size == 0:
-                _create_sqlite(database)
-            damage = _damage(database)
+        if not _made(database):
+            with FileLock(f"{database}.lock", timeout=LOCK_TIMEOUT_S):
+                if not _made(database):
+                    _create_sqlite(database)
     except Timeout:
         raise StorageError(
             f"the tracking store {database} stayed locked by another process for {LOCK_TIMEOUT_S} s ({database}.lock). "
             "If no other run is starting, a process hung while creating it: stop it, or delete the lock file."
         ) from None
+    damage = _damage(database)
     if damage:
         raise StorageError(
             f"the tracking store {database} was left half-made by a process that crashed while creating or "
@@ -156,6 +163,10 @@ def _open_sqlite(database: Path, uri: str) -> None:
             f"no runs you need (the next run makes a new one), or drop the leftover tables and finish the upgrade: "
             f"`mlflow db upgrade {uri}`."
         )
+
+
+def _made(database: Path) -> bool:
+    return database.exists() and database.stat().st_size > 0
 
 
 def _create_sqlite(database: Path) -> None:
@@ -179,7 +190,7 @@ def _create_sqlite(database: Path) -> None:
 
 def _damage(database: Path) -> str | None:
     """What is wrong with an existing store's schema (leftover migration tables, an old version), or None."""
-    if not database.exists() or database.stat().st_size == 0:
+    if not _made(database):
         return None
     from mlflow.store.db.utils import _get_latest_schema_revision
 

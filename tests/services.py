@@ -36,6 +36,7 @@ class Unavailable(Exception):
 
 
 def free_port() -> int:
+    """A port nobody listens on now: fixed ports would clash with other users' servers and clusters."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -67,6 +68,7 @@ def stop(process: subprocess.Popen, timeout: float = 5) -> None:
 
 
 def answers(url: str) -> bool:
+    """Whether an MLflow server at ``url`` is up (loopback: never through a proxy)."""
     try:
         return requests.get(f"{url}/health", timeout=2, proxies={"http": "", "https": ""}).status_code == 200
     except requests.RequestException:

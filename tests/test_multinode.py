@@ -96,6 +96,7 @@ def test_sweep_on_a_two_node_ray_cluster(cli, server, as_runner, tmp_path, caplo
     assert len({job.data.tags[RAY_NODE_TAG] for job in jobs}) == 2
     assert {job.data.params["dataset.cache_dir"] for job in jobs} == {str(d) for d in node_data}
     assert all(any(d.rglob("*.jpg")) for d in node_data) and not (tmp_path / "driver-data").exists()
+    assert not (tmp_path / "mlflow-artifacts:").exists()  # the server's artifact URI is no folder of ours
 
     caplog.set_level(logging.DEBUG, logger="mlflow.store.artifact")  # why a download failed, if one does
     for job in jobs:  # uploaded through the server, downloaded through it
