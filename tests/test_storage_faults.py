@@ -73,7 +73,7 @@ def test_full_artifact_disk_ends_the_run_failed_with_the_folder_named(mount, cli
 
 
 def test_full_checkpoint_disk_ends_the_run_failed_and_leaves_no_partial_file(mount, cli, store):
-    folder = mount("outputs", size="40k")
+    folder = mount("outputs", size="160k")  # room for the 64 KiB start-up check, not for a ~200 kB checkpoint
     result = cli(f"hydra.run.dir={folder}", "trainer.epochs=5", "dataset.image_size=64")  # a checkpoint of ~200 kB
     assert_clear_failure(result, folder, "Free space")
     assert statuses(store["uri"]) == ["FAILED"]
