@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from datasets.errors import DataError
 
@@ -43,6 +43,19 @@ def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: flo
             f"cannot split {len(labels)} images into train/val/test with dataset.val_fraction={val_fraction} "
             f"and dataset.test_fraction={test_fraction}: {err}. {_advice(counts, val_fraction, test_fraction, seed)}"
         ) from None
+
+
+def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, val) indices of each of ``folds`` folds: the val parts are disjoint, cover every index and keep the class proportions."""
+    labels = np.asarray(labels)
+    smallest = int(np.unique(labels, return_counts=True)[1].min())
+    if smallest < folds:
+        raise DataError(
+            f"dataset.folds={folds}: the smallest class of train+val has {smallest} images, fewer than the folds; "
+            f"set dataset.folds to at most {smallest} (and at least 2), or add images."
+        )
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return [(np.sort(train), np.sort(val)) for train, val in splitter.split(np.zeros(len(labels)), labels)]
 
 
 def _split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> SplitIndices:
