@@ -7,8 +7,10 @@ exactly the same images in each split.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -19,7 +21,7 @@ from filelock import FileLock
 from datasets.decoded import load_decoded, load_mapped, memory_budget
 from datasets.folder import decode_images, fingerprint, limit_per_class, scan
 from datasets.integrity import digest_index
-from datasets.split import stratified_split
+from datasets.split import stratified_folds, stratified_split
 from datasets.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -140,3 +142,20 @@ def load(cfg, seed: int, progress: bool = True) -> DataSplits:
         root=images.root,
         skipped=skipped,
     )
+
+
+def folds(data: DataSplits, k: int, seed: int) -> Iterator[DataSplits]:
+    """The ``k`` folds of a cross-validation: each fold's val is one stratified part of train+val, its train the rest.
+
+    The test split is the same held-out one in every fold. The pixels of train+val are copied
+    once into one array (memory-mapped splits are read into memory), and each fold's into its own.
+    """
+    images = np.concatenate([data.train.images, data.val.images])
+    labels = np.concatenate([data.train.labels, data.val.labels])
+    paths = [*data.train.paths, *data.val.paths]
+
+    def part(rows: np.ndarray) -> Split:
+        return Split(images[rows], labels[rows], [paths[i] for i in rows])
+
+    for train, val in stratified_folds(labels, k, seed):
+        yield dataclasses.replace(data, train=part(train), val=part(val))

@@ -44,6 +44,21 @@ def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: flo
         ) from None
 
 
+def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, val) indices of each of ``folds`` folds: the val parts are disjoint, cover every index and keep the class proportions."""
+    labels = np.asarray(labels)
+    smallest = int(np.unique(labels, return_counts=True)[1].min())
+    if smallest < folds:
+        raise DataError(
+            f"dataset.folds={folds}: the smallest class of train+val has {smallest} images, fewer than the folds; "
+            f"set dataset.folds to at most {smallest} (and at least 2), or add images."
+        )
+    from sklearn.model_selection import StratifiedKFold  # here: scikit-learn takes seconds to import
+
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return [(np.sort(train), np.sort(val)) for train, val in splitter.split(np.zeros(len(labels)), labels)]
+
+
 def _split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> SplitIndices:
     """Test first, then val from the rest; scikit-learn's ValueError when a split cannot hold every class."""
     from sklearn.model_selection import train_test_split  # here: scikit-learn takes seconds to import, and every command imports datasets

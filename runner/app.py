@@ -1,8 +1,14 @@
-"""One run from a composed config, as a straight list of steps: validate, open the store, seed, load data, train, evaluate, log."""
+"""One run from a composed config, as a straight list of steps: validate, open the store, seed, load data, train, evaluate, log.
+
+With ``dataset.folds=K`` the train-evaluate-log steps run once per fold of train+val, each in
+its own MLflow run nested under one parent run that holds the mean and spread of each metric.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from pathlib import Path
 
 import hydra
 import mlflow
@@ -13,13 +19,13 @@ import datasets
 from datasets import DataSplits, stopping
 from runner import summary
 from runner.config import RunConfig, may_differ_on_resume, to_run_config
-from runner.epochs import HISTORY, Epochs
+from runner.epochs import HISTORY, EpochPolicy, Epochs
 from runner.errors import USER_ERRORS, storage_error
 from runner.evaluate import evaluate_and_log
 from runner.job import JobContext, job_context, localise
 from runner.seeding import seed_everything
 from runner.store import RAY_NODE_TAG, absolute_tracking_uri, open_store
-from runner.tracking import RunSpec, prepare_resume, start_run
+from runner.tracking import RunSpec, Tracker, prepare_resume, start_run
 from runner.trainer import Trainer, trainer_for
 
 log = logging.getLogger(__name__)
@@ -51,16 +57,68 @@ def _run(cfg: DictConfig) -> float:
     data = datasets.load(run_cfg.dataset, run_cfg.seed, progress=run_cfg.trainer.progress)
     stopping.check()  # stopped while the data loaded: no run to open
     resume_from = prepare_resume(ran, run_cfg.resume, job.output_dir / "resume", may_differ_on_resume(run_cfg)) if run_cfg.resume else None
-    with start_run(ran, run_spec(run_cfg, job, experiment_id, trainer, data)) as tracker:
-        if data.skipped:
-            tracker.log_json({"skipped": data.skipped}, "data/skipped_images.json")
-        epochs = Epochs(tracker, job.output_dir / "checkpoints" / trainer.CHECKPOINT, tracker.load_json(HISTORY) if resume_from else None)
-        model = trainer.fit(run_cfg, data, tracker, epochs, resume_from)
-        metrics = evaluate_and_log(model, data, tracker)
-        tracker.model_metadata["classes"] = data.classes
-        model.log_model(tracker, data.train.images[:2].astype(np.float32))  # 2: a batch axis torch.export keeps dynamic
+    spec = run_spec(run_cfg, job, experiment_id, trainer, data)
+    if run_cfg.dataset.folds:
+        return cross_validate(ran, run_cfg, spec, job.output_dir, trainer, data)[run_cfg.objective]
+    with start_run(ran, spec) as tracker:
+        metrics = train_and_evaluate(run_cfg, data, tracker, trainer, job.output_dir, resume_from)
     summary.report(metrics, tracker.run_id, run_cfg.tracking.experiment, run_cfg.tracking.uri, tracker.model_uri)
     return metrics[run_cfg.objective]
+
+
+def train_and_evaluate(
+    run_cfg: RunConfig, data: DataSplits, tracker: Tracker, trainer: Trainer, folder: Path, resume_from: Path | None = None
+) -> dict[str, float]:
+    """Train, score the test split and log the model, in the open run; returns the kept epoch's and the test metrics."""
+    if data.skipped:
+        tracker.log_json({"skipped": data.skipped}, "data/skipped_images.json")
+    history = tracker.load_json(HISTORY) if resume_from else None
+    epochs = Epochs(tracker, folder / "checkpoints" / trainer.CHECKPOINT, history, EpochPolicy.of(run_cfg.trainer))
+    model = trainer.fit(run_cfg, data, tracker, epochs, resume_from)
+    metrics = evaluate_and_log(model, data, tracker, epochs.selected)
+    tracker.model_metadata["classes"] = data.classes
+    model.log_model(tracker, data.train.images[:2].astype(np.float32))  # 2: a batch axis torch.export keeps dynamic
+    return metrics
+
+
+def cross_validate(ran: DictConfig, run_cfg: RunConfig, spec: RunSpec, folder: Path, trainer: Trainer, data: DataSplits) -> dict[str, float]:
+    """``dataset.folds`` folds of train+val, the test split held out: one nested run per fold under a parent run.
+
+    Each fold starts from the same seed. The parent run gets the mean of each metric under its
+    own name (so sweeps and ``runner.compare`` rank it like any run) and the standard deviation
+    over the folds as ``<metric>_std``; returns those.
+    """
+    k = run_cfg.dataset.folds
+    parent_spec = dataclasses.replace(spec, tags={**spec.tags, CV_ROLE: "parent", "cv_folds": k})
+    results: list[dict[str, float]] = []
+    with start_run(ran, parent_spec) as parent:
+        for number, fold in enumerate(datasets.folds(data, k, run_cfg.seed), start=1):
+            log.info("cross-validation fold %d/%d: %d train, %d val, %d test images", number, k, len(fold.train), len(fold.val), len(fold.test))
+            seed_everything(run_cfg.seed, trainer)
+            fold_spec = dataclasses.replace(
+                spec,
+                name=f"{spec.name} fold {number}/{k}",
+                tags={**spec.tags, CV_ROLE: "fold", "cv_fold": number},
+                params={**spec.params, "num_train": len(fold.train), "num_val": len(fold.val)},
+                sweep_parent=parent.run_id,
+            )
+            with start_run(ran, fold_spec) as tracker:
+                results.append(train_and_evaluate(run_cfg, fold, tracker, trainer, folder / f"fold{number}"))
+        summary_metrics = fold_summary(results)
+        parent.log_metrics(summary_metrics)
+        parent.log_json(results, "cv_folds.json")
+    summary.report(summary_metrics, parent.run_id, run_cfg.tracking.experiment, run_cfg.tracking.uri, None)
+    return summary_metrics
+
+
+CV_ROLE = "cv_role"  # tag: "parent" on a cross-validation's parent run, "fold" on each fold's run
+
+
+def fold_summary(results: list[dict[str, float]]) -> dict[str, float]:
+    """Each metric's mean over the folds under its own name, and its (population) standard deviation as ``<name>_std``."""
+    names = [name for name in results[0] if all(name in r for r in results)]
+    values = {name: np.array([r[name] for r in results], dtype=np.float64) for name in names}
+    return {**{n: float(v.mean()) for n, v in values.items()}, **{f"{n}_std": float(v.std()) for n, v in values.items()}}
 
 
 def run_spec(run_cfg: RunConfig, job: JobContext, experiment_id: str, trainer: Trainer, data: DataSplits) -> RunSpec:

@@ -4,6 +4,11 @@
     python -m runner.compare --all                 # every run of the experiment
     python -m runner.compare --sweep multirun/2026-11-25/10-00-00 --metric test_f1
     python -m runner.compare --format markdown --output sweep.md
+
+``val_loss`` and ``val_accuracy`` are the kept epoch's (``trainer.select``: the best by default).
+A cross-validation (``dataset.folds=K``) is one row, its parent run: each metric's mean over
+the folds, shown as ``mean ± std`` (CSV: a ``<metric>_std`` column), and ``folds`` = K; the
+fold runs themselves are left out.
 """
 
 from __future__ import annotations
@@ -18,11 +23,12 @@ import pandas as pd
 from tabulate import tabulate
 
 from runner.config import MINIMISED
+from runner.epochs import SELECTED
 from runner.errors import USER_ERRORS, RunnerError
 from runner.store import check_server
 from runner.tracking import SWEEP_PARENT_ROLE
 
-DEFAULT_METRICS = ("val_accuracy", "test_accuracy", "test_f1", "test_roc_auc", "test_loss")
+DEFAULT_METRICS = ("val_accuracy", "test_accuracy", "test_balanced_accuracy", "test_f1", "test_roc_auc", "test_loss", "best_epoch")
 # Params that differ between runs without being a choice of the user.
 NOISE_PARAMS = {"num_train", "num_val", "num_test", "threads", "trainer.num_threads", "device"}
 
@@ -44,6 +50,11 @@ def load_runs(uri: str, experiment: str, sweep: str | None, latest_sweep: bool) 
     runs = mlflow.search_runs([exp.experiment_id], filter_string=query, output_format="pandas")
     if not runs.empty and "tags.sweep_role" in runs:
         runs = runs[runs["tags.sweep_role"].isna()]
+    if not runs.empty and "tags.cv_role" in runs:  # a cross-validation is its parent's row
+        runs = runs[runs["tags.cv_role"] != "fold"]
+    for name in ("val_loss", "val_accuracy"):  # the kept epoch's (trainer.select), not the last epoch's, where logged
+        if f"metrics.{SELECTED}{name}" in runs and f"metrics.{name}" in runs:
+            runs[f"metrics.{name}"] = runs[f"metrics.{SELECTED}{name}"].fillna(runs[f"metrics.{name}"])
     if runs.empty:
         where = f"sweep {sweep!r}" if sweep else f"experiment {experiment!r}"
         raise RunnerError(f"no runs in {where} of {uri}. Run `python -m runner -m ...` first, or pass --all.")
@@ -54,20 +65,31 @@ def table(runs: pd.DataFrame, metric: str, metrics: tuple[str, ...] = DEFAULT_ME
     """One row per run: the params that differ between runs, then the final metrics, best first."""
     param_cols = [c for c in runs.columns if c.startswith("params.") and c[len("params.") :] not in NOISE_PARAMS]
     varying = [c for c in param_cols if runs[c].astype(str).nunique(dropna=False) > 1]
-    metric_cols = [f"metrics.{m}" for m in dict.fromkeys((metric, *metrics)) if f"metrics.{m}" in runs]
+    metric_cols = [f"metrics.{m}{std}" for m in dict.fromkeys((metric, *metrics)) for std in ("", STD) if f"metrics.{m}{std}" in runs]
     if f"metrics.{metric}" not in runs:
         raise RunnerError(f"no run logged the metric {metric!r}. Use --metric with one of: {', '.join(metrics)}.")
-    out = runs[["run_id", "status", *varying, *metric_cols]].copy()
+    folds = ["tags.cv_folds"] if "tags.cv_folds" in runs and runs["tags.cv_folds"].notna().any() else []
+    out = runs[["run_id", "status", *varying, *folds, *metric_cols]].copy()
     out["run_id"] = out["run_id"].str[:8]
-    out = out.rename(columns=lambda c: c.split(".", 1)[1] if c.startswith(("params.", "metrics.")) else c)
+    out = out.rename(columns=lambda c: c.split(".", 1)[1] if c.startswith(("params.", "metrics.", "tags.")) else c)
+    out = out.rename(columns={"cv_folds": "folds"})
     return out.sort_values(metric, ascending=metric in MINIMISED, na_position="last").reset_index(drop=True)
 
 
+STD = "_std"  # a cross-validation parent's metric spread over its folds
+
+
 def render(frame: pd.DataFrame, fmt: str) -> str:
-    """CSV keeps full precision; tables show metrics to 4 places and params exactly as logged."""
+    """CSV keeps full precision; tables show metrics to 4 places (``mean ± std`` for cross-validations) and params as logged."""
     if fmt == "csv":
         return frame.to_csv(index=False)
-    shown = frame.astype(object).map(lambda v: f"{v:.4f}" if isinstance(v, float) else v)
+    frame = frame.astype(object).copy()
+    for name in [c for c in frame.columns if f"{c}{STD}" in frame.columns]:
+        spread = frame.pop(f"{name}{STD}")
+        frame[name] = [v if pd.isna(s) else f"{v:.4f} ± {s:.4f}" for v, s in zip(frame[name], spread)]
+    shown = frame.map(lambda v: f"{v:.4f}" if isinstance(v, float) else v)
+    for name in [c for c in frame.columns if c.endswith("_epoch")]:  # epochs are counts (a fold mean may not be)
+        shown[name] = [f"{v:g}" if isinstance(v, float) else v for v in frame[name]]
     return tabulate(shown, headers="keys", tablefmt="github" if fmt == "markdown" else "simple", showindex=False, disable_numparse=True)
 
 

@@ -108,6 +108,7 @@ class DatasetConfig:
     decode_workers: Optional[int] = how(None)
     decode_cache: bool = how(True)
     in_memory_gb: Optional[float] = how(None)  # pixels above this are memory-mapped (None: half the machine's memory)
+    folds: Optional[int] = None  # K: K-fold cross-validation of train+val (test held out) under one parent run
 
     def __post_init__(self) -> None:
         _fixed("dataset", self, "name", "synthetic_cracks|concrete_cracks|image_folder")
@@ -131,6 +132,8 @@ class DatasetConfig:
             _positive("dataset.decode_workers", self.decode_workers, 2, " (threads), or null for one per core")
         if self.in_memory_gb is not None:
             _non_negative("dataset.in_memory_gb", self.in_memory_gb, 4, " GB (0: always memory-mapped), or null for half the memory")
+        if self.folds is not None:
+            _int_range("dataset.folds", self.folds, 2, None, 5, why=" (folds of train+val), or null for one train/val split")
 
 
 @dataclass
@@ -264,12 +267,38 @@ class AdamConfig(OptimizerConfig):
         _fraction("optimizer.beta2", self.beta2, 0.999)
 
 
+@dataclass
+class AugmentConfig:
+    """Random changes to training batches (conf/augment/): each transform on its own switch; none touches val or test."""
+
+    name: str = "none"
+    hflip: bool = False  # mirror left-right, half the images
+    vflip: bool = False  # mirror top-bottom, half the images
+    rot90: bool = False  # rotate by 0, 90, 180 or 270 degrees (square images)
+    brightness: float = 0.0  # add up to +-this share of the pixel range (0.1: +-25.5 levels)
+    contrast: float = 0.0  # scale each image's deviation from its mean by 1 +- up to this
+
+    def __post_init__(self) -> None:
+        _fraction("augment.brightness", self.brightness, 0.1)
+        _fraction("augment.contrast", self.contrast, 0.2)
+
+    @property
+    def enabled(self) -> bool:
+        return self.hflip or self.vflip or self.rot90 or self.brightness > 0 or self.contrast > 0
+
+
 # trainer.precision (Lightning's names) -> what each framework computes in: a torch dtype, a Keras
 # dtype policy. bf16-mixed: bfloat16 compute with float32 weights.
 PRECISIONS: dict[str, dict[str, str]] = {
     "32": {"torch": "float32", "keras": "float32"},
     "bf16-mixed": {"torch": "bfloat16", "keras": "mixed_bfloat16"},
 }
+
+
+MONITORED = ("val_loss", "val_accuracy")  # val_loss is minimised, val_accuracy maximised
+SELECTIONS = ("best", "last")
+LR_SCHEDULES = ("none", "cosine", "step", "plateau")
+CLASS_WEIGHTS = (None, "balanced")
 
 
 @dataclass
@@ -287,6 +316,19 @@ class TrainerConfig:
     cache_frozen_features: bool = how(True)
     feature_cache_dir: str = how("data/features")  # the store, shared by runs and sweep jobs
     feature_cache_gb: float = how(10.0)  # least recently used entries beyond this are deleted
+    # Which epoch a run keeps (runner.epochs): the best by `monitor` (val_loss minimised, val_accuracy
+    # maximised), or the last; early stopping after `early_stopping_patience` epochs without a gain above min_delta.
+    monitor: str = "val_loss"
+    select: str = "best"
+    early_stopping_patience: Optional[int] = None
+    min_delta: float = 0.0
+    # The rate of each epoch (runner.schedules), per phase from that phase's base rate.
+    lr_schedule: str = "none"
+    warmup_epochs: int = 0
+    lr_decay: float = 0.1  # step and plateau: the factor of each cut
+    lr_step_epochs: int = 3  # step: cut every this many epochs after the warm-up
+    lr_plateau_patience: int = 2  # plateau: cut after this many epochs without a gain of `monitor`
+    class_weights: Optional[str] = None  # balanced: each class weighs n / (classes x its count) in the training loss
 
     def __post_init__(self) -> None:
         _positive("trainer.epochs", self.epochs, 10)
@@ -297,6 +339,17 @@ class TrainerConfig:
         _check(self.precision in PRECISIONS, "trainer.precision", f"one of {', '.join(PRECISIONS)}", self.precision, 32)
         _text("trainer.feature_cache_dir", self.feature_cache_dir, "data/features")
         _non_negative("trainer.feature_cache_gb", self.feature_cache_gb, 10, " (gigabytes kept between runs)")
+        _check(self.monitor in MONITORED, "trainer.monitor", f"one of {', '.join(MONITORED)}", self.monitor, "val_loss")
+        _check(self.select in SELECTIONS, "trainer.select", f"one of {', '.join(SELECTIONS)}", self.select, "best")
+        if self.early_stopping_patience is not None:
+            _positive("trainer.early_stopping_patience", self.early_stopping_patience, 3, " (epochs), or null for no early stopping")
+        _check(math.isfinite(self.min_delta) and self.min_delta >= 0, "trainer.min_delta", "a finite number >= 0", self.min_delta, 0)
+        _check(self.lr_schedule in LR_SCHEDULES, "trainer.lr_schedule", f"one of {', '.join(LR_SCHEDULES)}", self.lr_schedule, "cosine")
+        _int_range("trainer.warmup_epochs", self.warmup_epochs, 0, self.epochs - 1, 1, why=f" (fewer than trainer.epochs={self.epochs})")
+        _fraction("trainer.lr_decay", self.lr_decay, 0.1, low_open=True)
+        _positive("trainer.lr_step_epochs", self.lr_step_epochs, 3)
+        _positive("trainer.lr_plateau_patience", self.lr_plateau_patience, 2)
+        _check(self.class_weights in CLASS_WEIGHTS, "trainer.class_weights", "null or balanced", self.class_weights, "balanced")
 
 
 @dataclass
@@ -320,6 +373,7 @@ class RunConfig:
     dataset: Any = MISSING
     model: Any = MISSING
     optimizer: Any = MISSING
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     seed: int = 42
     freeze_depth: Optional[int] = None
     fine_tune_lr: Optional[float] = None
@@ -347,6 +401,12 @@ class RunConfig:
         _text("resume", self.resume, "null", nullable=True)
         if self.fine_tune_lr is not None:
             _positive("fine_tune_lr", self.fine_tune_lr, 1e-5)
+            _int_range(
+                "trainer.warmup_epochs", self.trainer.warmup_epochs, 0, self.trainer.fine_tune_epochs - 1, 0,
+                why=f" (each phase warms up: fewer than trainer.fine_tune_epochs={self.trainer.fine_tune_epochs})",
+            )
+        if self.dataset.folds is not None:
+            _require(self.resume is None, "resume", "cross-validation runs (dataset.folds) cannot be resumed; start them anew without resume=...")
         if self.freeze_depth is not None:
             _int_range("freeze_depth", self.freeze_depth, 0, None, "null", why=", or null (the whole base frozen)")
         if isinstance(self.model, KerasBackboneConfig):
@@ -371,6 +431,7 @@ _SCHEMAS: dict[str, dict[str, type]] = {
     },
     "model": {"linear": LinearConfig, "keras_backbone": KerasBackboneConfig},
     "optimizer": {"sgd": SGDConfig, "adam": AdamConfig},
+    "augment": {"augment": AugmentConfig},
 }
 
 

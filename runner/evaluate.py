@@ -11,22 +11,27 @@ from runner.tracking import Tracker
 from runner.trainer import TrainedModel
 
 
-def evaluate_and_log(model: TrainedModel, data: DataSplits, tracker: Tracker) -> dict[str, float]:
-    """Score the held-out test split and log metrics (``test_*``), plots, metrics.json and test_predictions.json."""
+def evaluate_and_log(model: TrainedModel, data: DataSplits, tracker: Tracker, selected: int | None = None) -> dict[str, float]:
+    """Score the held-out test split and log metrics (``test_*``), plots, metrics.json and test_predictions.json.
+
+    ``selected``: the epoch whose weights the model holds (trainer.select), whose train and
+    val metrics are returned and written beside the test metrics; None: the last epoch.
+    """
     probs = model.predict_proba(data.test.images)
     labels = data.test.labels
     test = {f"test_{k}": v for k, v in classification_metrics(labels, probs, data.classes).items()}
     tracker.log_metrics(test)
     files = [path.relative_to(data.root).as_posix() for path in data.test.paths]
     for name, fig in (
-        ("plots/learning_curves.png", plots.learning_curves(model.history)),
+        ("plots/learning_curves.png", plots.learning_curves(model.history, selected)),
         ("plots/confusion_matrix.png", plots.confusion_matrix_figure(confusion(labels, probs, len(data.classes)), data.classes)),
         ("plots/roc_curve.png", plots.roc_figure(labels, probs, data.classes)),
         ("plots/misclassified.png", plots.misclassified_grid(data.test.images, labels, probs, data.classes, files)),
     ):
         tracker.log_figure(fig, name)
         plots.close(fig)
-    final_epoch = {k: v for k, v in model.history[-1].items() if k not in ("step", "phase")} if model.history else {}
+    kept = next((h for h in model.history if h["step"] == selected), model.history[-1]) if model.history else {}
+    final_epoch = {k: v for k, v in kept.items() if k not in ("step", "phase", "lr")}
     tracker.log_json({**final_epoch, **test, "classes": data.classes}, "metrics.json")
     tracker.log_json(prediction_records(files, labels, probs, data.classes), "test_predictions.json")
     return {**final_epoch, **test}

@@ -3,8 +3,10 @@
 Build the classifier (models.keras_backbones), plan its phases, then per phase: freeze,
 compile, fit. Phase 1 trains the new head on the frozen base; with ``fine_tune_lr`` set,
 phase 2 unfreezes the base layers after ``freeze_depth``, recompiles at ``fine_tune_lr`` and
-trains on, with the epoch (MLflow step) count continuing. Each epoch ends in the shared step
-(runner.epochs), as in the torch trainer.
+trains on, with the epoch (MLflow step) count continuing. Each epoch begins and ends in the
+shared step (runner.epochs), as in the torch trainer: it gives the epoch's rate, decides early
+stopping (``model.stop_training``) and keeps the best epoch, whose weights are loaded back into
+the classifier after the last phase.
 
 What a phase fits and on which batches comes from runner.precompute: by default the frozen
 layers run once per image and the trainable rest of the classifier trains on their stored
@@ -14,6 +16,7 @@ output (``trainer.cache_frozen_features``), with the same results as the plain p
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -35,8 +38,10 @@ import tensorflow as tf  # noqa: E402
 
 from datasets import DataSplits, stopping  # noqa: E402
 from models.keras_backbones import build, freeze, frozen_layer_count  # noqa: E402
+from runner.augment import augment  # noqa: E402
+from runner.class_weights import class_weights  # noqa: E402
 from runner.config import OPTIMIZERS, PRECISIONS, OptimizerConfig, RunConfig  # noqa: E402
-from runner.epochs import Epochs, check_finite  # noqa: E402
+from runner.epochs import Epochs  # noqa: E402
 from runner.errors import ConfigError  # noqa: E402
 from runner.precompute import PhaseInputs, feature_store  # noqa: E402
 from runner.precompute.tfdata import batch_rows, batches  # noqa: E402
@@ -147,7 +152,10 @@ def parameter_count(weights: list) -> int:
 
 
 class EpochEnd(keras.callbacks.Callback):
-    """Keras' hooks into the shared epoch step (runner.epochs): losses checked per batch, each epoch closed there."""
+    """Keras' hooks into the shared epoch step (runner.epochs): the epoch's rate set, losses checked per batch, each epoch closed there.
+
+    ``self.model`` is the model being fitted (the classifier or its trainable rest); both share the classifier's optimizer.
+    """
 
     def __init__(self, epochs: Epochs, phase: Phase, classifier: keras.Model) -> None:
         super().__init__()
@@ -155,14 +163,18 @@ class EpochEnd(keras.callbacks.Callback):
         self.phase = phase
         self.classifier = classifier  # what the checkpoint holds, whether the fitted model is it or its trainable rest
 
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.model.optimizer.learning_rate.assign(self.epochs.begin(self.phase.name, self.phase.lr, self.phase.epochs))
+
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         stopping.check()  # Ctrl-C / SIGTERM: stop between batches, the run ends KILLED
-        check_finite("training loss", float((logs or {}).get("loss", 0.0)), f"in the {self.phase.name} phase", self.phase.lr_key)
+        self.epochs.check_finite("training loss", float((logs or {}).get("loss", 0.0)), f"in the {self.phase.name} phase", self.phase.lr_key)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         logs = logs or {}
         metrics = {"train_loss": logs["loss"], "train_accuracy": logs["accuracy"], "val_loss": logs["val_loss"], "val_accuracy": logs["val_accuracy"]}
-        self.epochs.end(epoch + 1, metrics, self.classifier.save, self.phase.name, self.phase.lr_key)
+        if self.epochs.end(epoch + 1, metrics, self.classifier.save, self.phase.name, self.phase.lr_key):
+            self.model.stop_training = True  # early stopping ends this phase; a fine-tune phase after it still runs
 
 
 def set_threads(num_threads: int | None) -> None:
@@ -198,10 +210,15 @@ def fit(run: RunConfig, data: DataSplits, tracker: Tracker, epochs: Epochs, resu
     )
     phases = plan(run, base)
     tracker.log_params({"device": "gpu" if tf.config.list_physical_devices("GPU") else "cpu", "base_layers": len(base.layers)})
-    store = feature_store(
-        run.trainer.cache_frozen_features, run.trainer.feature_cache_dir, run.trainer.feature_cache_gb, run.trainer.batch_size, run.trainer.progress
-    )
-    inputs = PhaseInputs(model, base, data, run.trainer.batch_size, run.seed, store, phases[-1].freeze_depth if len(phases) > 1 else None)
+    cached = run.trainer.cache_frozen_features and not run.augment.enabled
+    if run.trainer.cache_frozen_features and not cached:
+        log.info("augment=%s: training goes through the frozen layers every epoch (trainer.cache_frozen_features is ignored: "
+                 "their stored output holds the images unchanged)", run.augment.name)
+        tracker.log_params({"frozen_features": "through the layers: augment is on"})
+    store = feature_store(cached, run.trainer.feature_cache_dir, run.trainer.feature_cache_gb, run.trainer.batch_size, run.trainer.progress)
+    changes = functools.partial(augment, cfg=run.augment) if run.augment.enabled else None
+    inputs = PhaseInputs(model, base, data, run.trainer.batch_size, run.seed, store, phases[-1].freeze_depth if len(phases) > 1 else None, changes)
+    weights = class_weights(data.train.labels, data.classes, run.trainer.class_weights, tracker)
     done = 0
     for number, phase in enumerate(phases, start=1):
         freeze(base, phase.freeze_depth)
@@ -216,8 +233,10 @@ def fit(run: RunConfig, data: DataSplits, tracker: Tracker, epochs: Epochs, resu
             callbacks=[EpochEnd(epochs, phase, model)],
             shuffle=False,  # the batches shuffle themselves
             verbose=1 if run.trainer.progress else 0,
+            class_weight=None if weights is None else dict(enumerate(weights.tolist())),
         )
-        done += phase.epochs
+        done = epochs.history[-1]["step"]  # early stopping may have ended the phase before its last epoch
+    epochs.finish(model.load_weights)  # the classifier's layers, which the trainable rest fitted on stored output shares
     return KerasModel(model, run.trainer.batch_size, epochs.history, inputs.cut, store)
 
 

@@ -30,8 +30,11 @@ def _phases(history: list[dict[str, Any]]) -> list[tuple[str, int, int]]:
     return phases
 
 
-def learning_curves(history: list[dict[str, Any]]) -> Figure:
-    """Loss and accuracy per epoch, train and val; with several phases (head, fine-tune) each is shaded and named."""
+def learning_curves(history: list[dict[str, Any]], selected: int | None = None) -> Figure:
+    """Loss and accuracy per epoch, train and val; with several phases (head, fine-tune) each is shaded and named.
+
+    ``selected``: the epoch whose model the run kept (trainer.select), marked by a dotted line.
+    """
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     steps = [h["step"] for h in history]
     phases = _phases(history)
@@ -46,6 +49,8 @@ def learning_curves(history: list[dict[str, Any]]) -> Figure:
                     ax.axvline(first - 0.5, color="grey", linestyle="--", linewidth=1)
                 ax.text((first + last) / 2, 1.01, name.replace("_", "-"), transform=ax.get_xaxis_transform(),
                         ha="center", va="bottom", fontsize=9, color="dimgrey")
+        if selected is not None:
+            ax.axvline(selected, color="seagreen", linestyle=":", linewidth=1.5, label=f"kept: epoch {selected}")
         if metric == "accuracy":
             ax.set_ylim(-0.02, 1.02)  # the same scale in every run, so runs compare at a glance
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

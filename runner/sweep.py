@@ -24,6 +24,7 @@ from omegaconf import DictConfig, open_dict, read_write
 
 from runner import interrupt
 from runner.config import MINIMISED
+from runner.epochs import SELECTED
 from runner.errors import USER_ERRORS, RunnerError, storage_error
 from runner.store import absolute_tracking_uri, open_store, process_tags
 from runner.tracking import SWEEP_PARENT_ROLE, git_commit
@@ -112,7 +113,7 @@ class MlflowSweepCallback(Callback):
         exp = client.get_run(self.parent).info.experiment_id
         objective = config.objective
         children = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{self.parent}'")
-        scores = [r.data.metrics.get(objective, math.nan) for r in children]
+        scores = [r.data.metrics.get(SELECTED + objective, r.data.metrics.get(objective, math.nan)) for r in children]  # the kept epoch's
         finished = [s for s in scores if not math.isnan(s)]
         client.log_metric(self.parent, "jobs", len(children))
         if finished:

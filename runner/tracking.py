@@ -201,7 +201,7 @@ class RunSpec:
     params: Mapping[str, Any]
     overrides: list[str]
     sweep: str | None = None  # the sweep this job belongs to (its id, tagged on the run)
-    sweep_parent: str | None = None  # the sweep's parent run, which this run nests under
+    sweep_parent: str | None = None  # the run this one nests under: its sweep's parent, or its cross-validation's
     resume: str | None = None  # reopen this interrupted run instead of starting one
 
 
@@ -218,7 +218,10 @@ def start_run(cfg: DictConfig, spec: RunSpec) -> Iterator[Tracker]:
     if spec.sweep_parent is not None:
         tags["mlflow.parentRunId"] = spec.sweep_parent
     if spec.resume is None:
-        active = mlflow.start_run(experiment_id=spec.experiment_id, run_name=spec.name[:250], tags={k: str(v) for k, v in {**tags, **process_tags()}.items()})
+        active = mlflow.start_run(
+            experiment_id=spec.experiment_id, run_name=spec.name[:250], tags={k: str(v) for k, v in {**tags, **process_tags()}.items()},
+            nested=mlflow.active_run() is not None,  # a cross-validation fold inside its parent run
+        )
     else:
         active = mlflow.start_run(run_id=spec.resume)
         mlflow.set_tags(process_tags())  # the run now lives in this process

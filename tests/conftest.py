@@ -66,6 +66,24 @@ def make_cfg(store: dict[str, str], data_cache: Path) -> Callable[..., DictConfi
 
 
 @pytest.fixture
+def imbalanced_folder(tmp_path: Path) -> list[str]:
+    """Overrides for a class-per-folder set of 30 Negative and 10 Positive 32 px images (18 and 6 in training).
+
+    They replace TINY (whose dataset keys are the synthetic set's): compose with ``make_cfg(*overrides, tiny=False)``.
+    """
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name, count, level in (("Negative", 30, 100), ("Positive", 10, 150)):
+        (tmp_path / "imbalanced" / name).mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(np.clip(rng.normal(level, 30, (32, 32, 3)), 0, 255).astype(np.uint8)).save(tmp_path / "imbalanced" / name / f"{i}.png")
+    return ["dataset=image_folder", f"dataset.path={tmp_path / 'imbalanced'}", "dataset.image_size=32",
+            "dataset.val_fraction=0.2", "dataset.test_fraction=0.2", *(o for o in TINY if o.startswith("trainer."))]
+
+
+@pytest.fixture
 def client(store: dict[str, str]) -> mlflow.MlflowClient:
     mlflow.set_tracking_uri(store["uri"])
     return mlflow.MlflowClient(store["uri"])

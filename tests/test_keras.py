@@ -124,7 +124,7 @@ def test_fine_tune_lr_trains_the_head_then_the_unfrozen_layers_in_one_run(make_c
 
     def spy_end(self, step, metrics, save, phase="train", lr_key="optimizer.lr"):
         epochs.append((step, phase))
-        end_epoch(self, step, metrics, save, phase, lr_key)
+        return end_epoch(self, step, metrics, save, phase, lr_key)
 
     monkeypatch.setattr(keras.Model, "fit", spy_fit)
     monkeypatch.setattr(Epochs, "end", spy_end)

@@ -92,7 +92,7 @@ def test_resume_refuses_a_finished_run_or_another_config(make_cfg, client):
     with pytest.raises(ConfigError, match="already FINISHED"):
         run(make_cfg(f"resume={done.info.run_id}"))
     client.set_terminated(done.info.run_id, "KILLED")
-    with pytest.raises(ConfigError, match=r"optimizer.lr=1e-05 \(now 0.5\)"):
+    with pytest.raises(ConfigError, match=r"optimizer.lr=0.1 \(now 0.5\)"):
         run(make_cfg(f"resume={done.info.run_id}", "optimizer.lr=0.5"))
     with pytest.raises(ConfigError, match="no such run"):
         run(make_cfg("resume=0123456789abcdef"))

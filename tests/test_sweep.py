@@ -73,7 +73,7 @@ def test_joblib_runs_four_jobs_in_parallel_without_losing_any(cli, store):
     assert {j.data.params["trainer.num_threads"] for j in jobs} == {"1"}  # 2 cores shared by 4 processes
     client = mlflow.MlflowClient(store["uri"])
     for job in jobs:
-        assert {a.path for a in client.list_artifacts(job.info.run_id, "checkpoints")} == {"checkpoints/last.pt"}
+        assert {a.path for a in client.list_artifacts(job.info.run_id, "checkpoints")} == {"checkpoints/last.pt", "checkpoints/best.pt"}
         assert len(client.get_metric_history(job.info.run_id, "val_loss")) == 2
 
 

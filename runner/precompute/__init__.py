@@ -17,6 +17,7 @@ output (:func:`~runner.precompute.cut.tail_after`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import keras
@@ -35,13 +36,16 @@ class PhaseInputs:
 
     ``store``: the feature store, or None to train through every layer every epoch.
     ``fine_tune_depth``: in a two-phase run, the base layers the second phase keeps frozen.
+    ``augment(batch, seed)``: changes the training images at random (runner.augment); the
+    stored output of frozen layers cannot hold changed images, so it needs ``store`` None.
     """
 
     def __init__(
         self, model: keras.Model, base: keras.Model, data: DataSplits, batch_size: int, seed: int,
-        store: FeatureStore | None, fine_tune_depth: int | None = None,
+        store: FeatureStore | None, fine_tune_depth: int | None = None, augment: Callable[[np.ndarray, np.int64], np.ndarray] | None = None,
     ) -> None:
-        self.model, self.base, self.data, self.store = model, base, data, store
+        assert augment is None or store is None, "augmented images have no stored frozen output"
+        self.model, self.base, self.data, self.store, self.seed, self.augment = model, base, data, store, seed, augment
         # One sequence of epoch orders for the whole run, whether a phase reads images or stored features.
         self.train_rows = batch_rows(len(data.train), batch_size, seed)
         self.val_rows = batch_rows(len(data.val), batch_size)
@@ -64,7 +68,7 @@ class PhaseInputs:
             self.cut = None
             return (
                 self.model,
-                batches(self.data.train.images, self.data.train.labels, self.train_rows),
+                batches(self.data.train.images, self.data.train.labels, self.train_rows, self.augment, self.seed),
                 batches(self.data.val.images, self.data.val.labels, self.val_rows),
             )
         rest = self.cut.rest

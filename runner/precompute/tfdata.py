@@ -8,6 +8,7 @@ a phase that reads images and one that reads stored features see the images in t
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -27,8 +28,14 @@ def batch_rows(count: int, batch_size: int, shuffle_seed: int | None = None) -> 
 IN_MEMORY = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 8
 
 
-def batches(array: np.ndarray, labels: np.ndarray | None, rows: tf.data.Dataset) -> tf.data.Dataset:
+def batches(
+    array: np.ndarray, labels: np.ndarray | None, rows: tf.data.Dataset,
+    augment: Callable[[np.ndarray, np.int64], np.ndarray] | None = None, seed: int = 0,
+) -> tf.data.Dataset:
     """Float32 batches (with labels, if given) of the rows of ``array`` in the order of ``rows``, prefetched.
+
+    ``augment(batch, batch_seed)``: applied to each (training) batch, the batch seeds drawn from a
+    ``tf.data`` random stream seeded by ``seed`` that draws anew each epoch, so runs repeat.
 
     ``array``: uint8 images (cast per batch) or stored float32 features. What is shuffled is the
     order of the rows (:func:`batch_rows`), so the shuffle buffer holds indices, not images, and
@@ -60,4 +67,14 @@ def batches(array: np.ndarray, labels: np.ndarray | None, rows: tf.data.Dataset)
         x = tf.cast(gather(rows), tf.float32)
         return x if targets is None else (x, tf.gather(targets, rows))
 
-    return rows.map(take, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    if augment is None:
+        return rows.map(take, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+    @tf.autograph.experimental.do_not_convert
+    def take_augmented(rows: tf.Tensor, batch_seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        x = tf.numpy_function(augment, [gather(rows), batch_seed], tf.float32, stateful=False)
+        x.set_shape((None, *array.shape[1:]))
+        return x, tf.gather(targets, rows)
+
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+    return tf.data.Dataset.zip(rows, seeds).map(take_augmented, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
