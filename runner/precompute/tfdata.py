@@ -1,8 +1,9 @@
 """Batches for Keras as a tf.data pipeline, of images or of stored frozen-layer output alike.
 
-What is shuffled is the order of the rows (:func:`batch_rows`), so the shuffle buffer holds
-indices, not images, and datasets made from the same rows share one sequence of epoch orders:
-a phase that reads images and one that reads stored features see the images in the same order.
+What is shuffled is the order of the rows (:func:`batch_rows`), not the images, and each
+epoch's order is a function of the seed and the epoch's number alone (:func:`epoch_order`):
+a phase that reads images and one that reads stored features see the images in the same order,
+and a run resumed at epoch e sees the orders of a run never stopped, with no iterator state to keep.
 """
 
 from __future__ import annotations
@@ -13,12 +14,26 @@ import numpy as np
 import tensorflow as tf
 
 
-def batch_rows(count: int, batch_size: int, shuffle_seed: int | None = None) -> tf.data.Dataset:
-    """The row indices of each batch; the same order for images and for their cached features."""
-    rows = tf.data.Dataset.range(count)
-    if shuffle_seed is not None:
-        rows = rows.shuffle(count, seed=shuffle_seed, reshuffle_each_iteration=True)
-    return rows.batch(batch_size)
+def epoch_order(count: int, seed: int, epoch: int) -> np.ndarray:
+    """The order of the ``count`` training rows in epoch ``epoch`` (from 1) of a run seeded ``seed``.
+
+    Drawn from (seed, epoch) alone, not from a shuffle's running state, so a resumed run
+    needs only the epoch number to continue the sequence of orders.
+    """
+    return np.random.default_rng([seed, epoch]).permutation(count)
+
+
+def batch_rows(count: int, batch_size: int, shuffle_seed: int | None = None, epochs: range = range(1, 2)) -> tf.data.Dataset:
+    """The row indices of each batch; the same order for images and for their cached features.
+
+    Unshuffled: the rows in order, once per pass. Shuffled: the batches of each epoch in
+    ``epochs`` one after the other, each in its :func:`epoch_order`; fit it with
+    ``steps_per_epoch=ceil(count / batch_size)`` so that Keras reads one pass over the epochs.
+    """
+    if shuffle_seed is None:
+        return tf.data.Dataset.range(count).batch(batch_size)
+    orders = np.stack([epoch_order(count, shuffle_seed, epoch) for epoch in epochs])
+    return tf.data.Dataset.from_tensor_slices(orders).flat_map(lambda order: tf.data.Dataset.from_tensor_slices(order).batch(batch_size))
 
 
 # Arrays up to an eighth of the machine's memory become one TensorFlow tensor, gathered in the
@@ -31,8 +46,8 @@ def batches(array: np.ndarray, labels: np.ndarray | None, rows: tf.data.Dataset)
     """Float32 batches (with labels, if given) of the rows of ``array`` in the order of ``rows``, prefetched.
 
     ``array``: uint8 images (cast per batch) or stored float32 features. What is shuffled is the
-    order of the rows (:func:`batch_rows`), so the shuffle buffer holds indices, not images, and
-    datasets made from the same ``rows`` share one sequence of epoch orders. Arrays up to
+    order of the rows (:func:`batch_rows`), not the images, and datasets made from the same
+    ``rows`` see the rows in the same order. Arrays up to
     ``IN_MEMORY`` bytes become one tensor; larger ones (the 40,000-image set, a frozen prefix's
     feature maps of thousands of images) are gathered batch by batch from NumPy, memory-mapped
     files included, with no copy of the whole array.
