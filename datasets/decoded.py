@@ -42,6 +42,7 @@ MARKER = "complete.json"
 PIXELS = "pixels.npy"
 DECODED = "decoded.npy"
 CHECKSUMS = "checksums.npy"
+SOURCES = "sources.json"  # the image files it was decoded from (read by python -m runner.doctor, not by runs)
 FORMAT = 3  # in the marker: 3: checksums; 2: row i of the file is file i of the data set; 1: decodable files only, packed
 FIX_FULL = "Free space there, set dataset.cache_dir to another folder, or set dataset.decode_cache=false."
 FIX_WRITE = "Set dataset.cache_dir to a writable folder, or set dataset.decode_cache=false."
@@ -291,9 +292,10 @@ def _blank_checksums(count: int, size: int) -> np.ndarray:
     return np.full(count, integrity.row_checksum(np.zeros(size * size * 3, np.uint8)), np.uint32)
 
 
-def _publish(tmp: Path, decoded: np.ndarray, skipped: list[str], checksums: np.ndarray) -> Entry:
+def _publish(tmp: Path, images: ImageList, decoded: np.ndarray, skipped: list[str], checksums: np.ndarray) -> Entry:
     """Write the small files and the marker, then rename ``tmp`` to its cache folder: from then on it never changes."""
     decoded = np.sort(decoded)
+    integrity.write_json(tmp / SOURCES, {"root": str(images.root.resolve()), "files": [p.relative_to(images.root).as_posix() for p in images.paths]})
     meta = {
         "format": FORMAT,
         "skipped": skipped,
@@ -320,7 +322,7 @@ def _decode_mapped(tmp: Path, images: ImageList, size: int, workers: int | None,
         out.flush()
     finally:
         del out
-    return _publish(tmp, ok, skipped, checksums)
+    return _publish(tmp, images, ok, skipped, checksums)
 
 
 def _decode_in_order(
@@ -338,5 +340,5 @@ def _decode_in_order(
             checksums[row] = integrity.row_checksum(image)
 
         pixels, ok, skipped = decode_images([images.paths[i] for i in order], size, workers, progress, sink=write)
-    _publish(tmp, order[ok], skipped, checksums)
+    _publish(tmp, images, order[ok], skipped, checksums)
     return pixels, ok, skipped

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from pathlib import Path
 
 import hydra
@@ -19,13 +20,14 @@ import datasets
 from datasets import DataSplits, stopping
 from runner import summary
 from runner.config import RunConfig, may_differ_on_resume, to_run_config
-from runner.epochs import HISTORY, EpochPolicy, Epochs
-from runner.errors import USER_ERRORS, storage_error
+from runner.epochs import HISTORY, SELECTED, EpochPolicy, Epochs
+from runner.errors import USER_ERRORS, ConfigError, storage_error
 from runner.evaluate import evaluate_and_log
 from runner.job import JobContext, job_context, localise
 from runner.seeding import seed_everything
 from runner.store import RAY_NODE_TAG, absolute_tracking_uri, open_store
-from runner.tracking import RunSpec, Tracker, prepare_resume, start_run
+from runner.sweep import earlier_attempt, resume_target
+from runner.tracking import CONFIG_HASH_TAG, RunSpec, Tracker, config_hash, prepare_resume, start_run
 from runner.trainer import Trainer, trainer_for
 
 log = logging.getLogger(__name__)
@@ -50,14 +52,31 @@ def run(cfg: DictConfig) -> float:
 def _run(cfg: DictConfig) -> float:
     job = job_context()
     run_cfg = localise(to_run_config(cfg), job)
+    uri = absolute_tracking_uri(run_cfg.tracking.uri)
+    experiment_id = open_store(uri, run_cfg.tracking.experiment, run_cfg.tracking.artifact_root)
+    may_differ = may_differ_on_resume(run_cfg)
+    key = config_hash(OmegaConf.structured(run_cfg), may_differ)
+    if job.sweep_parent is not None and run_cfg.resume == job.sweep_parent:  # a sweep goes on: this job's earlier run decides
+        earlier = earlier_attempt(uri, job.sweep_parent, key)
+        if earlier is not None and earlier.info.status == "FINISHED":
+            log.info("sweep job %d FINISHED before as MLflow run %s: not run again", job.job_num, earlier.info.run_id)
+            return earlier.data.metrics.get(SELECTED + run_cfg.objective, earlier.data.metrics.get(run_cfg.objective, math.nan))
+        run_cfg.resume = resume_target(uri, earlier)
     ran = OmegaConf.structured(run_cfg)  # what is logged and compared on resume: the config that runs
-    experiment_id = open_store(absolute_tracking_uri(run_cfg.tracking.uri), run_cfg.tracking.experiment, run_cfg.tracking.artifact_root)
     trainer = trainer_for(run_cfg.model.framework)
     seed_everything(run_cfg.seed, trainer)
     data = datasets.load(run_cfg.dataset, run_cfg.seed, progress=run_cfg.trainer.progress)
     stopping.check()  # stopped while the data loaded: no run to open
-    resume_from = prepare_resume(ran, run_cfg.resume, job.output_dir / "resume", may_differ_on_resume(run_cfg)) if run_cfg.resume else None
-    spec = run_spec(run_cfg, job, experiment_id, trainer, data)
+    if run_cfg.dataset.folds and run_cfg.resume:
+        if job.sweep_parent is None:
+            raise ConfigError(
+                f"resume: a cross-validation run (dataset.folds={run_cfg.dataset.folds}) cannot be continued; "
+                "run it anew (the same command without resume=...)."
+            )
+        log.info("sweep job %d cross-validates (dataset.folds=%d): its interrupted run is run anew", job.job_num, run_cfg.dataset.folds)
+        run_cfg.resume = None
+    resume_from = prepare_resume(ran, run_cfg.resume, job.output_dir / "resume", may_differ) if run_cfg.resume else None
+    spec = run_spec(run_cfg, job, experiment_id, trainer, data, key)
     if run_cfg.dataset.folds:
         return cross_validate(ran, run_cfg, spec, job.output_dir, trainer, data)[run_cfg.objective]
     with start_run(ran, spec) as tracker:
@@ -121,9 +140,10 @@ def fold_summary(results: list[dict[str, float]]) -> dict[str, float]:
     return {**{n: float(v.mean()) for n, v in values.items()}, **{f"{n}_std": float(v.std()) for n, v in values.items()}}
 
 
-def run_spec(run_cfg: RunConfig, job: JobContext, experiment_id: str, trainer: Trainer, data: DataSplits) -> RunSpec:
-    """The MLflow run this job opens: name, tags (what ran, on which data, where) and params beyond the config."""
+def run_spec(run_cfg: RunConfig, job: JobContext, experiment_id: str, trainer: Trainer, data: DataSplits, key: str) -> RunSpec:
+    """The MLflow run this job opens: name, tags (what ran, on which data, where; ``key``: the config's hash) and params beyond the config."""
     tags = {
+        CONFIG_HASH_TAG: key,
         "framework": run_cfg.model.framework,
         "model": run_cfg.model.name,
         "dataset": run_cfg.dataset.name,

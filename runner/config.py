@@ -391,12 +391,6 @@ class RunConfig:
                     f"only applies to Keras transfer-learning models (model=resnet50 or model=vgg16); "
                     f"model={self.model.name} has no pre-trained base. Remove {key}=... from the command line.",
                 )
-        if self.resume is not None:
-            _require(
-                self.model.framework == "torch",
-                "resume",
-                f"continuing an interrupted run works for model=linear only; start the model={self.model.name} run anew.",
-            )
         _seed("seed", self.seed, 42)
         _text("resume", self.resume, "null", nullable=True)
         if self.fine_tune_lr is not None:

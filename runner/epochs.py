@@ -208,6 +208,18 @@ class Epochs:
         log.info("the model is epoch %d's (trainer.select=%s; best %s at epoch %d)", self.selected, self.policy.select, self.policy.monitor, best)
         return self.selected
 
+    def left(self, phase: str, planned: int) -> int:
+        """Epochs of ``phase`` (``planned`` in all) still to train after the history so far.
+
+        All of them when the phase has not begun; none when it has ended: a later phase began,
+        or early stopping ended it at its last epoch, as a run never interrupted would have.
+        """
+        if all(h["phase"] != phase for h in self.history):
+            return planned
+        if self.standing.phase != phase or (self.policy.patience is not None and self.standing.since_best >= self.policy.patience):
+            return 0
+        return max(planned - self.standing.phase_epochs, 0)
+
     def rewind(self, step: int, resumed: Path | None = None) -> None:
         """Forget epochs after ``step``: a resumed run repeats what its last checkpoint did not hold.
 

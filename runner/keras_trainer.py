@@ -5,8 +5,9 @@ compile, fit. Phase 1 trains the new head on the frozen base; with ``fine_tune_l
 phase 2 unfreezes the base layers after ``freeze_depth``, recompiles at ``fine_tune_lr`` and
 trains on, with the epoch (MLflow step) count continuing. Each epoch begins and ends in the
 shared step (runner.epochs), as in the torch trainer: it gives the epoch's rate, decides early
-stopping (``model.stop_training``) and keeps the best epoch, whose weights are loaded back into
-the classifier after the last phase.
+stopping (``model.stop_training``), keeps the best epoch, whose weights are loaded back into
+the classifier after the last phase, and writes the checkpoint from which ``resume=<run id>``
+continues the run in either phase (:func:`save_checkpoint`).
 
 What a phase fits and on which batches comes from runner.precompute: by default the frozen
 layers run once per image and the trainable rest of the classifier trains on their stored
@@ -17,9 +18,11 @@ output (``trainer.cache_frozen_features``), with the same results as the plain p
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +55,7 @@ from runner.tracking import Tracker  # noqa: E402
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "last.keras"
+RESUME_STATE = "runner_resume.json"  # a member of the checkpoint's archive: what continuing needs beyond the model
 
 
 def versions() -> dict[str, str]:
@@ -173,8 +177,67 @@ class EpochEnd(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         logs = logs or {}
         metrics = {"train_loss": logs["loss"], "train_accuracy": logs["accuracy"], "val_loss": logs["val_loss"], "val_accuracy": logs["val_accuracy"]}
-        if self.epochs.end(epoch + 1, metrics, self.classifier.save, self.phase.name, self.phase.lr_key):
+        save = functools.partial(save_checkpoint, model=self.classifier, epoch=epoch + 1, phase=self.phase.name)
+        if self.epochs.end(epoch + 1, metrics, save, self.phase.name, self.phase.lr_key):
             self.model.stop_training = True  # early stopping ends this phase; a fine-tune phase after it still runs
+
+
+def rng_states(model: keras.Model) -> list[keras.Variable]:
+    """The layers' random states (the seed generators of the head's dropout), which ``model.save`` leaves out."""
+    weights = {id(weight) for weight in model.weights}
+    return [variable for variable in model.variables if id(variable) not in weights]
+
+
+def save_checkpoint(path: Path, model: keras.Model, epoch: int, phase: str) -> None:
+    """The classifier as a .keras file, with what continuing after ``epoch`` needs beyond it.
+
+    Keras saves the weights and the optimizer's variables, not the layers' random states (the
+    dropout masks to come) nor where the run stands: those go into the same archive as one
+    JSON member (keras.saving.load_model ignores it), so the checkpoint stays one file written
+    atomically. The shuffling position is the epoch itself: epoch e's order is drawn from
+    (seed, e) (runner.precompute.tfdata.epoch_order).
+    """
+    model.save(path)
+    state = {"epoch": epoch, "phase": phase, "rng": [keras.ops.convert_to_numpy(v).tolist() for v in rng_states(model)]}
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr(RESUME_STATE, json.dumps(state))
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint read back: the saved classifier (weights, optimizer), the epoch and phase it ended, the random states."""
+
+    saved: keras.Model
+    epoch: int
+    phase: str
+    rng: list[list[int]]
+
+    def restore(self, model: keras.Model, optimizer: bool) -> None:
+        """Give ``model`` (frozen and compiled for the phase that goes on) the saved weights and random states.
+
+        ``optimizer``: also the optimizer's state (step count, momenta), when the run goes on
+        inside the phase that saved it; a phase that starts anew starts a fresh optimizer, as
+        in a run never stopped.
+        """
+        model.set_weights(self.saved.get_weights())
+        for variable, value in zip(rng_states(model), self.rng, strict=True):
+            variable.assign(value)
+        if optimizer:
+            model.optimizer.build(model.trainable_variables)
+            for variable, saved in zip(model.optimizer.variables, self.saved.optimizer.variables, strict=True):
+                variable.assign(saved)
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Read a checkpoint written by :func:`save_checkpoint`."""
+    with zipfile.ZipFile(path) as archive:
+        if RESUME_STATE not in archive.namelist():
+            raise ConfigError(
+                f"resume: the checkpoint {path.name} was written by a runner that could not resume Keras runs; "
+                "start the run anew (the same command without resume=...)."
+            )
+        state = json.loads(archive.read(RESUME_STATE))
+    return Checkpoint(keras.saving.load_model(path), int(state["epoch"]), state["phase"], state["rng"])
 
 
 def set_threads(num_threads: int | None) -> None:
@@ -192,13 +255,11 @@ def set_threads(num_threads: int | None) -> None:
 def fit(run: RunConfig, data: DataSplits, tracker: Tracker, epochs: Epochs, resume_from: Path | None = None) -> KerasModel:
     """Train the new head (and unfrozen base layers) in one or two phases, each epoch closed through ``epochs``.
 
-    ``resume_from`` (continuing an interrupted run) is not supported for Keras models yet.
+    ``resume_from``: a folder with the ``last.keras`` of an interrupted run. Phases it had
+    completed are skipped; the phase it stopped in goes on after its last complete epoch with
+    that epoch's weights, optimizer state and random states, and every epoch reads the rows in
+    the order an uninterrupted run would (tests/test_reliability.py: the same final metrics).
     """
-    if resume_from is not None:
-        raise ConfigError(
-            f"resume: continuing an interrupted run works for model=linear only; start the model={run.model.name} "
-            "run anew (the same command without resume=...)."
-        )
     set_threads(run.trainer.num_threads)
     if run.trainer.progress:  # Keras' progress bars, also in the predict calls MLflow makes to log the model
         keras.config.enable_interactive_logging()
@@ -219,23 +280,32 @@ def fit(run: RunConfig, data: DataSplits, tracker: Tracker, epochs: Epochs, resu
     changes = functools.partial(augment, cfg=run.augment) if run.augment.enabled else None
     inputs = PhaseInputs(model, base, data, run.trainer.batch_size, run.seed, store, phases[-1].freeze_depth if len(phases) > 1 else None, changes)
     weights = class_weights(data.train.labels, data.classes, run.trainer.class_weights, tracker)
-    done = 0
+    checkpoint = load_checkpoint(resume_from / CHECKPOINT) if resume_from else None
+    epochs.rewind(checkpoint.epoch if checkpoint else 0, resume_from)
     for number, phase in enumerate(phases, start=1):
+        left = epochs.left(phase.name, phase.epochs)
+        if left == 0:  # completed (or stopped early) before the interruption
+            continue
+        done = epochs.history[-1]["step"] if epochs.history else 0  # early stopping may have ended a phase before its last epoch
         freeze(base, phase.freeze_depth)
         compile_model(model, run.optimizer, phase.lr)
-        fitted, train, val = inputs.for_phase(first=number == 1, last=number == len(phases))
+        if checkpoint:
+            checkpoint.restore(model, optimizer=left < phase.epochs)
+            log.info("resuming after epoch %d (%s phase) from the checkpoint of run %s", done, checkpoint.phase, tracker.run_id)
+            checkpoint = None
+        fitted, train, val = inputs.for_phase(first=number == 1, last=number == len(phases), epochs=range(done + 1, done + left + 1))
         log_phase(tracker, number, len(phases), phase, model, base, inputs.cut)
         fitted.fit(
             train,
             validation_data=val,
             initial_epoch=done,
-            epochs=done + phase.epochs,
+            epochs=done + left,
+            steps_per_epoch=math.ceil(len(data.train) / run.trainer.batch_size),  # one pass over the phase's epochs
             callbacks=[EpochEnd(epochs, phase, model)],
             shuffle=False,  # the batches shuffle themselves
             verbose=1 if run.trainer.progress else 0,
             class_weight=None if weights is None else dict(enumerate(weights.tolist())),
         )
-        done = epochs.history[-1]["step"]  # early stopping may have ended the phase before its last epoch
     epochs.finish(model.load_weights)  # the classifier's layers, which the trainable rest fitted on stored output shares
     return KerasModel(model, run.trainer.batch_size, epochs.history, inputs.cut, store)
 

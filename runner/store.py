@@ -28,6 +28,7 @@ from urllib.parse import urlparse
 import mlflow
 import requests
 from filelock import FileLock, Timeout
+from mlflow.entities import Run
 from mlflow.utils.credentials import get_default_host_creds, read_mlflow_creds
 from mlflow.utils.rest_utils import http_request
 
@@ -41,6 +42,7 @@ LOCK_TIMEOUT_S = 300  # creating a store takes seconds; a lock held longer means
 HOST_TAG, PROCESS_TAG, STARTED_TAG = "runner.host", "runner.pid", "runner.started"
 RAY_NODE_TAG = "runner.ray_node"  # set by jobs that Ray ran (runner.app.job_context)
 REFUSED = (401, 403)  # what an MLflow server with authentication answers a client it does not let in
+SWEEP_PARENT_ROLE = "sweep_parent"  # the sweep_role tag of a sweep's parent run
 
 
 def absolute_tracking_uri(uri: str) -> str:
@@ -256,12 +258,19 @@ def close_dead_runs(uri: str, exp_id: str) -> list[str]:
     closed = []
     for run in client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
         if process_alive(run.data.tags) is False:
-            client.set_terminated(run.info.run_id, "KILLED")
+            close_run(client, run, f"was left RUNNING by process {run.data.tags[PROCESS_TAG]}, which is gone")
             closed.append(run.info.run_id)
-            log.warning(
-                "run %s (%s) was left RUNNING by process %s, which is gone: marked KILLED. Continue it with: "
-                "python -m runner resume=%s (and its overrides: %s)",
-                run.info.run_id, run.info.run_name, run.data.tags[PROCESS_TAG], run.info.run_id,
-                run.data.tags.get("overrides", ""),
-            )
     return closed
+
+
+def resume_command(run: Run) -> str:
+    """The command that continues ``run``: its overrides and ``resume=`` (with ``-m`` for a sweep's parent run)."""
+    sweep = ["-m"] if run.data.tags.get("sweep_role") == SWEEP_PARENT_ROLE else []
+    overrides = [o for o in run.data.tags.get("overrides", "").split() if not o.startswith("resume=")]
+    return " ".join(["python", "-m", "runner", *sweep, *overrides, f"resume={run.info.run_id}"])
+
+
+def close_run(client: mlflow.MlflowClient, run: Run, why: str) -> None:
+    """Mark ``run`` KILLED, with a log line saying ``why`` and the command that continues it."""
+    client.set_terminated(run.info.run_id, "KILLED")
+    log.warning("run %s (%s) %s: marked KILLED. Continue it with: %s", run.info.run_id, run.info.run_name, why, resume_command(run))

@@ -7,6 +7,12 @@ and creates the parent run; it hands both to every job through Hydra's
 ``hydra.job.env_set`` (which every launcher, basic, joblib or Ray, gives its jobs), so a job
 nests under its own sweep's parent (``mlflow.parentRunId``) without searching for it, and two
 sweeps never share a folder, an id or a parent.
+
+``resume=<parent run id>`` with ``-m`` continues a sweep: the callback reopens that parent run
+and hands its id and sweep id to the jobs as above, and each job decides from its own earlier
+attempt, found by its configuration's hash (:func:`earlier_attempt`, :func:`resume_target`):
+FINISHED, it is not run again; interrupted with a checkpoint, it resumes; else it runs. So it
+holds for every launcher, which only runs the jobs.
 """
 
 from __future__ import annotations
@@ -19,15 +25,15 @@ from typing import Any
 
 import mlflow
 from hydra.experimental.callback import Callback
-from mlflow.entities import RunStatus
+from mlflow.entities import Run, RunStatus
 from omegaconf import DictConfig, open_dict, read_write
 
 from runner import interrupt
 from runner.config import MINIMISED
 from runner.epochs import SELECTED
-from runner.errors import USER_ERRORS, RunnerError, storage_error
-from runner.store import absolute_tracking_uri, open_store, process_tags
-from runner.tracking import SWEEP_PARENT_ROLE, git_commit
+from runner.errors import USER_ERRORS, ConfigError, RunnerError, storage_error
+from runner.store import HOST_TAG, PROCESS_TAG, absolute_tracking_uri, open_store, process_alive, process_tags
+from runner.tracking import CONFIG_HASH_TAG, SWEEP_PARENT_ROLE, git_commit
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +79,31 @@ class MlflowSweepCallback(Callback):
     def _start(self, config: DictConfig) -> None:
         uri = absolute_tracking_uri(config.tracking.uri)
         exp = open_store(uri, config.tracking.experiment, config.tracking.artifact_root)
-        folder = claim_folder(Path(str(config.hydra.sweep.dir)))
-        sweep = str(folder)
-        params = {str(k): str(v) for k, v in (config.hydra.sweeper.get("params") or {}).items()}
+        folder = claim_folder(Path(str(config.hydra.sweep.dir)))  # a resumed sweep's jobs write to new folders too
         client = mlflow.MlflowClient(uri)
+        if config.get("resume"):
+            parent = reopen_parent(client, str(config.resume), " ".join(config.hydra.overrides.task))
+            run_id, sweep = parent.info.run_id, parent.data.tags["sweep_id"]
+        else:
+            run_id, sweep = self._create_parent(client, exp, config, str(folder)), str(folder)
+        _open_parents[run_id] = uri
+        interrupt.close_at_exit(close_open_parents)
+        self.parent = run_id
+        # Every job's config is composed again from hydra.overrides.hydra: what is added there reaches them all.
+        with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra.sweep.dir = str(folder)
+            config.hydra.job.env_set[SWEEP_ID_KEY] = sweep
+            config.hydra.job.env_set[SWEEP_PARENT_KEY] = run_id
+            config.hydra.overrides.hydra.extend(
+                [f"hydra.sweep.dir='{folder}'", f"+hydra.job.env_set.{SWEEP_ID_KEY}='{sweep}'",
+                 f"+hydra.job.env_set.{SWEEP_PARENT_KEY}={run_id}"]
+            )
+        log.info("sweep %s: MLflow parent run %s%s", sweep, run_id, f" (continued; jobs write to {folder})" if config.get("resume") else "")
+
+    @staticmethod
+    def _create_parent(client: mlflow.MlflowClient, exp: str, config: DictConfig, sweep: str) -> str:
+        """A new parent run for the sweep ``sweep`` (its folder); its id."""
+        folder = Path(sweep)
         run = client.create_run(
             exp,
             run_name=f"sweep {folder.parent.name}/{folder.name}",
@@ -90,21 +117,9 @@ class MlflowSweepCallback(Callback):
                 **process_tags(),
             },
         )
-        for key, value in params.items():
+        for key, value in {str(k): str(v) for k, v in (config.hydra.sweeper.get("params") or {}).items()}.items():
             client.log_param(run.info.run_id, f"sweep.{key}", value)
-        _open_parents[run.info.run_id] = uri
-        interrupt.close_at_exit(close_open_parents)
-        self.parent = run.info.run_id
-        # Every job's config is composed again from hydra.overrides.hydra: what is added there reaches them all.
-        with read_write(config.hydra), open_dict(config.hydra):
-            config.hydra.sweep.dir = sweep
-            config.hydra.job.env_set[SWEEP_ID_KEY] = sweep
-            config.hydra.job.env_set[SWEEP_PARENT_KEY] = run.info.run_id
-            config.hydra.overrides.hydra.extend(
-                [f"hydra.sweep.dir='{sweep}'", f"+hydra.job.env_set.{SWEEP_ID_KEY}='{sweep}'",
-                 f"+hydra.job.env_set.{SWEEP_PARENT_KEY}={run.info.run_id}"]
-            )
-        log.info("sweep %s: MLflow parent run %s", sweep, run.info.run_id)
+        return run.info.run_id
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.parent is None:
@@ -115,7 +130,8 @@ class MlflowSweepCallback(Callback):
         children = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{self.parent}'")
         scores = [r.data.metrics.get(SELECTED + objective, r.data.metrics.get(objective, math.nan)) for r in children]  # the kept epoch's
         finished = [s for s in scores if not math.isnan(s)]
-        client.log_metric(self.parent, "jobs", len(children))
+        # A job run again after it failed has two runs with one configuration: it counts once.
+        client.log_metric(self.parent, "jobs", len({r.data.tags.get(CONFIG_HASH_TAG, r.info.run_id) for r in children}))
         if finished:
             best = (min if objective in MINIMISED else max)(finished)
             client.log_metric(self.parent, f"best_{objective}", best)
@@ -134,3 +150,60 @@ def close_open_parents(status: str) -> list[str]:
     for run_id in parents:
         close_parent(run_id, status)
     return parents
+
+
+def reopen_parent(client: mlflow.MlflowClient, run_id: str, overrides: str) -> Run:
+    """The parent run of the sweep that ``resume=<run_id>`` with ``-m`` continues, marked RUNNING in this process again."""
+    try:
+        parent = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise ConfigError(f"resume={run_id}: no such run in {client.tracking_uri}. With -m, pass the sweep's parent run id.") from None
+    if parent.data.tags.get("sweep_role") != SWEEP_PARENT_ROLE:
+        raise ConfigError(
+            f"resume={run_id}: that run is not a sweep's parent run. With -m, resume= takes the parent run id the "
+            "interrupted sweep printed; to continue a single run, drop -m."
+        )
+    check_not_running(parent, f"resume={run_id}: the sweep")
+    client.update_run(run_id, status="RUNNING")
+    for key, value in {**process_tags(), "resumed_with": overrides}.items():
+        client.set_tag(run_id, key, value)
+    return parent
+
+
+def check_not_running(run: Run, what: str) -> None:
+    """Refuse to continue a run that is still RUNNING: its process is alive, or ran on another host (cannot tell)."""
+    alive = process_alive(run.data.tags)
+    if run.info.status != "RUNNING" or alive is False:
+        return
+    where = f"process {run.data.tags.get(PROCESS_TAG, '?')} on {run.data.tags.get(HOST_TAG, '?')}"
+    if alive:
+        raise ConfigError(f"{what} is still running ({where}, run {run.info.run_id}): let it end or stop it first.")
+    raise ConfigError(
+        f"{what} is marked RUNNING by {where} (run {run.info.run_id}), which this host cannot check. If that process is gone, "
+        "close its runs with: python -m runner.doctor --other-hosts --fix"
+    )
+
+
+def earlier_attempt(uri: str, parent: str, config_hash: str) -> Run | None:
+    """The latest run of sweep ``parent`` with the configuration ``config_hash`` (a job of it), or None if it never started."""
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs(
+        [client.get_run(parent).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent}' and tags.{CONFIG_HASH_TAG} = '{config_hash}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def resume_target(uri: str, earlier: Run | None) -> str | None:
+    """The run a job of a continued sweep resumes: its earlier attempt if interrupted after a checkpoint, else None (run anew).
+
+    A FAILED attempt runs anew (in a new run), as does one stopped before its first checkpoint.
+    """
+    if earlier is None:
+        return None
+    check_not_running(earlier, f"this job's earlier run (sweep job {earlier.data.tags.get('sweep_job', '?')})")
+    if earlier.info.status not in ("KILLED", "RUNNING"):  # RUNNING here: its process is gone
+        return None
+    return earlier.info.run_id if mlflow.MlflowClient(uri).list_artifacts(earlier.info.run_id, "checkpoints") else None

@@ -8,6 +8,8 @@ places and can be compared side by side in the MLflow UI.
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import logging
 import os
 import platform
@@ -26,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from runner import interrupt
 from runner.errors import ConfigError, StorageError
-from runner.store import absolute_tracking_uri, process_tags
+from runner.store import SWEEP_PARENT_ROLE, absolute_tracking_uri, process_tags
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +38,10 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 class Tracker:
     """Logs to one active MLflow run, and nothing else: params, tags, metrics, artifacts, the model."""
 
-    def __init__(self, run_id: str, artifact_uri: str = "") -> None:
+    def __init__(self, run_id: str, artifact_uri: str = "", logged_params: Mapping[str, str] | None = None) -> None:
         self.run_id = run_id
         self.artifact_uri = artifact_uri
+        self.logged_params = dict(logged_params or {})  # a resumed run's params: MLflow refuses to change them
         self.model_uri: str | None = None
         self.model_metadata: dict[str, Any] = {}  # saved in the MLmodel file, e.g. class names
 
@@ -56,7 +59,13 @@ class Tracker:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        mlflow.log_params(dict(params))
+        """Log params; in a resumed run, one that now has another value (e.g. its device) goes to a ``resumed.<key>`` tag."""
+        changed = {f"resumed.{k}": v for k, v in params.items() if k in self.logged_params and str(v) != self.logged_params[k]}
+        new = {k: v for k, v in params.items() if k not in self.logged_params}
+        if new:
+            mlflow.log_params(new)
+        if changed:
+            self.set_tags(changed)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         mlflow.set_tags({k: str(v) for k, v in tags.items()})
@@ -162,7 +171,15 @@ def git_commit() -> str:
     return commit + ("-dirty" if dirty else "")
 
 
-SWEEP_PARENT_ROLE = "sweep_parent"
+CONFIG_HASH_TAG = "config_hash"  # what a run computes: how a continued sweep finds each job's earlier run
+
+
+def config_hash(cfg: DictConfig, may_differ: set[str]) -> str:
+    """A digest of the flattened config without the keys that may differ on resume: equal for the same job of a sweep."""
+    computed = {key: value for key, value in sorted(flatten(cfg).items()) if key not in may_differ}
+    return hashlib.sha256(json.dumps(computed, default=str).encode()).hexdigest()[:16]
+
+
 def prepare_resume(cfg: DictConfig, run_id: str, into: Path, may_differ: set[str]) -> Path:
     """Check that run ``run_id`` can be continued with ``cfg`` (keys in ``may_differ`` aside) and download its checkpoints into ``into``."""
     uri = absolute_tracking_uri(cfg.tracking.uri)
@@ -171,6 +188,8 @@ def prepare_resume(cfg: DictConfig, run_id: str, into: Path, may_differ: set[str
         previous = client.get_run(run_id)
     except mlflow.exceptions.MlflowException:
         raise ConfigError(f"resume={run_id}: no such run in {uri}. Pass the run id printed by the interrupted run.") from None
+    if previous.data.tags.get("sweep_role") == SWEEP_PARENT_ROLE:
+        raise ConfigError(f"resume={run_id}: that is a sweep's parent run; continue the sweep with -m and its overrides.")
     if previous.info.status == "FINISHED":
         raise ConfigError(f"resume={run_id}: that run already FINISHED; there is nothing to continue.")
     logged = previous.data.params
@@ -225,7 +244,7 @@ def start_run(cfg: DictConfig, spec: RunSpec) -> Iterator[Tracker]:
     else:
         active = mlflow.start_run(run_id=spec.resume)
         mlflow.set_tags(process_tags())  # the run now lives in this process
-    tracker = Tracker(active.info.run_id, active.info.artifact_uri)
+    tracker = Tracker(active.info.run_id, active.info.artifact_uri, active.data.params if spec.resume else None)
     interrupt.opened_run(tracker.run_id)  # so a stop's message can say which run it ended
     status = RunStatus.to_string(RunStatus.FAILED)
     try:

@@ -55,7 +55,7 @@ def images(folder: Path, n: int, size: int = 24) -> Path:
         (["model=resnet50", "model.weights=null", "freeze_depth=500"], 2,
          ["freeze_depth: must be in 0..175", "has 175 layers"]),
         (["model=vgg16", "model.weights=/no/such/weights.h5"], 2, ["model.weights: no weights file at '/no/such/weights.h5'"]),
-        (["model=resnet50", "model.weights=null", "resume=feedc0ffee"], 2, ["resume: continuing an interrupted run works for model=linear only"]),
+        (["model=resnet50", "model.weights=null", "resume=feedc0ffee"], 2, ["resume=feedc0ffee: no such run"]),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else None,
 )

@@ -15,7 +15,7 @@ import datasets
 from runner.app import run
 from runner.augment import augment
 from runner.config import AugmentConfig, to_run_config
-from runner.precompute.tfdata import batch_rows, batches
+from runner.precompute.tfdata import batch_rows, batch_seeds, batches
 
 VGG = ["model=vgg16", "model.weights=null"]
 
@@ -35,8 +35,9 @@ def test_augmented_keras_batches_repeat_with_the_seed_and_change_each_epoch():
     cfg = AugmentConfig("basic", True, True, True, 0.1, 0.2)
 
     def two_epochs(seed: int) -> list[np.ndarray]:
-        dataset = batches(images, labels, batch_rows(12, 4, seed), lambda x, s: augment(x, s, cfg), seed)
-        return [np.concatenate([x.numpy() for x, _ in dataset]) for _ in range(2)]
+        dataset = batches(images, labels, batch_rows(12, 4, seed, range(1, 3)), lambda x, s: augment(x, s, cfg), batch_seeds(12, 4, seed, range(1, 3)))
+        seen = [x.numpy() for x, _ in dataset]  # 3 batches an epoch
+        return [np.concatenate(seen[:3]), np.concatenate(seen[3:])]
 
     first, again, other = two_epochs(1), two_epochs(1), two_epochs(2)
     for mine, theirs in zip(first, again):

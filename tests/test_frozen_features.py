@@ -250,3 +250,16 @@ def test_bf16_mixed_precision_trains_on_its_own_stored_features_as_through_the_l
     assert keys[0] != keys[1]
     assert outputs[1].dtype == np.float32 and not np.array_equal(*outputs)
     assert np.linalg.norm(outputs[1] - outputs[0]) / np.linalg.norm(outputs[0]) < 0.01  # measured 0.003 at 227 px
+
+
+def test_epoch_orders_depend_on_the_seed_and_the_epoch_alone():
+    # What a resumed run needs to read its epochs in the order of a run never stopped: the
+    # batches of epochs 3..4 are those that epochs 1..4 have after their first two epochs.
+    def rows(epochs: range) -> list[list[int]]:
+        return [batch.tolist() for batch in tfdata.batch_rows(10, 4, 7, epochs).as_numpy_iterator()]
+
+    whole = rows(range(1, 5))
+    assert len(whole) == 4 * 3 and [len(b) for b in whole[:3]] == [4, 4, 2]  # each epoch's batches end with the epoch
+    assert rows(range(3, 5)) == whole[6:]
+    assert sorted(sum(whole[:3], [])) == list(range(10)) and whole[:3] != whole[3:6]  # every row once, a new order each epoch
+    assert rows(range(1, 5)) == whole  # iterated again: the same

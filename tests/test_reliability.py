@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -29,15 +31,33 @@ def runs_of(uri: str) -> list:
     return client.search_runs([exp.experiment_id]) if exp else []
 
 
-def start_and_interrupt(
-    cli_env: dict, cmd: list[str], cwd: Path, artifacts: Path, sig: int, checkpoint: str = "last.pt"
-) -> subprocess.CompletedProcess:
-    """Start the runner, wait for its first logged checkpoint, then send ``sig`` (mid-training)."""
+def checkpoint_logged(artifacts: Path) -> Callable[[], bool]:
+    """Whether a run in ``artifacts`` has logged its first checkpoint."""
+    return lambda: any(p.stat().st_size > 0 for p in artifacts.glob("*/artifacts/checkpoints/last.pt"))
+
+
+def epoch_logged(artifacts: Path, phase: str) -> Callable[[], bool]:
+    """Whether a run in ``artifacts`` has closed an epoch of ``phase`` (its history.json, rewritten each epoch)."""
+
+    def ready() -> bool:
+        for history in artifacts.glob("*/artifacts/history.json"):
+            try:
+                if any(epoch["phase"] == phase for epoch in json.loads(history.read_text())):
+                    return True
+            except (OSError, ValueError):  # being rewritten
+                pass
+        return False
+
+    return ready
+
+
+def start_and_interrupt(cli_env: dict, cmd: list[str], cwd: Path, ready: Callable[[], bool], sig: int) -> subprocess.CompletedProcess:
+    """Start the runner, wait until ``ready()`` (e.g. its first checkpoint), then send ``sig`` (mid-training)."""
     proc = subprocess.Popen(cmd, cwd=cwd, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not any(p.stat().st_size > 0 for p in artifacts.glob(f"*/artifacts/checkpoints/{checkpoint}")):
+    deadline = time.monotonic() + 600
+    while not ready():
         assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "no checkpoint appeared"
+        assert time.monotonic() < deadline, "the run did not get there"
         time.sleep(0.05)
     time.sleep(0.3)
     proc.send_signal(sig)
@@ -52,7 +72,7 @@ def _cmd(store: dict, extra: list[str]) -> list[str]:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupted_run_is_killed_and_resumes_to_the_same_result(sig, store, data_cache, tmp_path, make_cfg, cli):
     env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"], "CRACK_RUNNER_DATA": str(data_cache)}
-    result = start_and_interrupt(env, _cmd(store, LONG), tmp_path, Path(store["artifacts"]), sig)
+    result = start_and_interrupt(env, _cmd(store, LONG), tmp_path, checkpoint_logged(Path(store["artifacts"])), sig)
     assert result.returncode == 130, result.stderr[-3000:]
     (killed,) = runs_of(store["uri"])
     assert killed.info.status == "KILLED"
@@ -76,14 +96,66 @@ def test_interrupted_run_is_killed_and_resumes_to_the_same_result(sig, store, da
         assert finished.data.metrics[key] == reference.data.metrics[key], key
 
 
-def test_interrupted_keras_run_ends_killed(store, data_cache, tmp_path):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"], "CRACK_RUNNER_DATA": str(data_cache)}
-    keras_run = ["model=resnet50", "model.weights=null", "trainer.epochs=40"]
-    result = start_and_interrupt(env, _cmd(store, keras_run), tmp_path, Path(store["artifacts"]), signal.SIGTERM, "last.keras")
+# Two phases of three epochs: the head on the whole frozen base, then the base after layer 140. A
+# signal sent when an epoch has ended stops the run in one of the next two, inside the same phase.
+KERAS = ["model=resnet50", "model.weights=null", "freeze_depth=140", "fine_tune_lr=0.001", "trainer.epochs=3", "trainer.fine_tune_epochs=3"]
+
+
+def assert_killed(uri: str, result: subprocess.CompletedProcess) -> tuple[str, int]:
+    """The run stopped by ``result``'s signal is KILLED with epochs 1..n logged, each once: its id and n."""
     assert result.returncode == 130, result.stderr[-3000:]
-    (killed,) = runs_of(store["uri"])
-    assert killed.info.status == "KILLED" and "Traceback" not in result.stderr
-    assert 1 <= len(mlflow.MlflowClient(store["uri"]).get_metric_history(killed.info.run_id, "val_loss")) < 40
+    assert "Traceback" not in result.stderr
+    (killed,) = runs_of(uri)
+    assert killed.info.status == "KILLED"
+    steps = [m.step for m in mlflow.MlflowClient(uri).get_metric_history(killed.info.run_id, "val_loss")]
+    assert sorted(steps) == list(range(1, len(steps) + 1))
+    return killed.info.run_id, len(steps)
+
+
+def assert_same_run_as_uninterrupted(uri: str, run_id: str, reference_uri: str) -> None:
+    """The resumed run ended FINISHED with each epoch once, and every metric (each epoch's, the test split's) bit for bit the reference's."""
+    (finished,) = runs_of(uri)
+    (reference,) = runs_of(reference_uri)
+    assert finished.info.run_id == run_id and finished.info.status == "FINISHED"
+    assert finished.data.metrics == reference.data.metrics
+    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+        history = [(m.step, m.value) for m in mlflow.MlflowClient(uri).get_metric_history(run_id, key)]
+        expected = [(m.step, m.value) for m in mlflow.MlflowClient(reference_uri).get_metric_history(reference.info.run_id, key)]
+        assert sorted(history) == sorted(expected) and [s for s, _ in sorted(history)] == [1, 2, 3, 4, 5, 6], key
+
+
+def test_keras_run_interrupted_in_each_phase_resumes_to_the_uninterrupted_metrics(store, data_cache, tmp_path, make_cfg, cli):
+    """On the stored frozen features (the default): SIGTERM in the head phase, resumed; SIGINT in the fine-tune phase, resumed again."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"], "CRACK_RUNNER_DATA": str(data_cache)}
+    artifacts = Path(store["artifacts"])
+    result = start_and_interrupt(env, _cmd(store, KERAS), tmp_path, epoch_logged(artifacts, "head"), signal.SIGTERM)
+    run_id, done = assert_killed(store["uri"], result)
+    assert done in (1, 2)  # stopped inside the head phase
+    result = start_and_interrupt(env, _cmd(store, [*KERAS, f"resume={run_id}"]), tmp_path, epoch_logged(artifacts, "fine_tune"), signal.SIGINT)
+    assert f"resuming after epoch {done} (head phase)" in result.stderr
+    again, done = assert_killed(store["uri"], result)
+    assert again == run_id and done in (4, 5)  # stopped inside the fine-tune phase
+    resumed = cli(*KERAS, f"resume={run_id}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming after epoch {done} (fine_tune phase)" in resumed.stderr
+
+    reference_store = f"sqlite:///{tmp_path / 'reference.db'}"
+    run(make_cfg(*KERAS, f"tracking.uri={reference_store}", f"tracking.artifact_root={tmp_path / 'ref-artifacts'}"))
+    assert_same_run_as_uninterrupted(store["uri"], run_id, reference_store)
+
+
+def test_keras_run_through_the_frozen_layers_resumes_in_the_fine_tune_phase(store, data_cache, tmp_path, make_cfg, cli):
+    through = [*KERAS, "trainer.cache_frozen_features=false"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"], "CRACK_RUNNER_DATA": str(data_cache)}
+    result = start_and_interrupt(env, _cmd(store, through), tmp_path, epoch_logged(Path(store["artifacts"]), "fine_tune"), signal.SIGTERM)
+    run_id, done = assert_killed(store["uri"], result)
+    assert done in (4, 5)
+    resumed = cli(*through, f"resume={run_id}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    reference_store = f"sqlite:///{tmp_path / 'reference.db'}"
+    run(make_cfg(*through, f"tracking.uri={reference_store}", f"tracking.artifact_root={tmp_path / 'ref-artifacts'}"))
+    assert_same_run_as_uninterrupted(store["uri"], run_id, reference_store)
 
 
 def test_resume_refuses_a_finished_run_or_another_config(make_cfg, client):
@@ -125,3 +197,52 @@ def test_checkpoint_survives_a_sigkill_during_the_write(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert torch.load(path)["epoch"] == 1  # the partial file was never taken for the checkpoint
+
+
+def sweep_jobs(uri: str) -> tuple[mlflow.entities.Run, dict[str, mlflow.entities.Run]]:
+    """(the sweep's parent run, its job runs by job number); one parent, one run per job."""
+    runs = runs_of(uri)
+    (parent,) = [r for r in runs if r.data.tags.get("sweep_role") == "sweep_parent"]
+    jobs = [r for r in runs if r is not parent]
+    assert all(j.data.tags["mlflow.parentRunId"] == parent.info.run_id for j in jobs)
+    by_number = {j.data.tags["sweep_job"]: j for j in jobs}
+    assert len(by_number) == len(jobs), "a job ran twice"
+    return parent, by_number
+
+
+SWEEPS = {  # three jobs, the first resumed by another launcher than the one that started it
+    "basic": (["optimizer.lr=0.1,0.01,0.001"], []),
+    "joblib": (["optimizer.lr=0.1,0.01,0.001"], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]),
+    "optuna": (["+experiment=optuna_linear", "hydra.sweeper.n_trials=3"], []),  # in-memory study, seeded sampler
+}
+
+
+@pytest.mark.parametrize("kind", list(SWEEPS))
+def test_sweep_interrupted_in_its_second_job_resumes_each_job_once_under_the_same_parent(kind, store, data_cache, tmp_path, cli):
+    sweep, resume_with = SWEEPS[kind]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"], "CRACK_RUNNER_DATA": str(data_cache)}
+    artifacts = Path(store["artifacts"])
+
+    def second_job_checkpoint() -> bool:
+        return len([p for p in artifacts.glob("*/artifacts/checkpoints/last.pt") if p.stat().st_size]) >= 2
+
+    cmd = [sys.executable, "-m", "runner", "-m", *TINY, f"tracking.artifact_root={store['artifacts']}", *sweep, *LONG]
+    result = start_and_interrupt(env, cmd, tmp_path, second_job_checkpoint, signal.SIGTERM)
+    assert result.returncode == 130, result.stderr[-3000:]
+    parent, jobs = sweep_jobs(store["uri"])
+    assert parent.info.status == "KILLED" and f"resume={parent.info.run_id}" in result.stderr
+    assert {n: j.info.status for n, j in jobs.items()} == {"0": "FINISHED", "1": "KILLED"}
+    first, second = jobs["0"], jobs["1"]
+    assert 1 <= len(mlflow.MlflowClient(store["uri"]).get_metric_history(second.info.run_id, "val_loss")) < 40
+
+    resumed = cli("-m", *sweep, *LONG, *resume_with, f"resume={parent.info.run_id}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    again, jobs = sweep_jobs(store["uri"])
+    assert again.info.run_id == parent.info.run_id and again.info.status == "FINISHED"
+    assert {n: j.info.status for n, j in jobs.items()} == {"0": "FINISHED", "1": "FINISHED", "2": "FINISHED"}
+    assert again.data.metrics["jobs"] == 3 and again.data.metrics["best_val_accuracy"] == max(j.data.metrics["val_accuracy"] for j in jobs.values())
+    assert jobs["0"].info.end_time == first.info.end_time and "resumed_with" not in jobs["0"].data.tags  # untouched
+    assert jobs["1"].info.run_id == second.info.run_id and "resumed_with" in jobs["1"].data.tags  # continued
+    assert jobs["1"].data.params["optimizer.lr"] == second.data.params["optimizer.lr"]
+    steps = [m.step for m in mlflow.MlflowClient(store["uri"]).get_metric_history(second.info.run_id, "train_loss")]
+    assert sorted(steps) == list(range(1, 41))  # each epoch once

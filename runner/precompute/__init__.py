@@ -26,7 +26,7 @@ import tensorflow as tf
 
 from datasets import DataSplits
 from models.keras_backbones import POOL, freeze
-from runner.precompute.tfdata import batch_rows, batches
+from runner.precompute.tfdata import batch_rows, batch_seeds, batches
 from runner.precompute.cut import CutModel, cut_after_frozen, tail_after
 from runner.precompute.store import FeatureStore
 
@@ -45,9 +45,8 @@ class PhaseInputs:
         store: FeatureStore | None, fine_tune_depth: int | None = None, augment: Callable[[np.ndarray, np.int64], np.ndarray] | None = None,
     ) -> None:
         assert augment is None or store is None, "augmented images have no stored frozen output"
-        self.model, self.base, self.data, self.store, self.seed, self.augment = model, base, data, store, seed, augment
-        # One sequence of epoch orders for the whole run, whether a phase reads images or stored features.
-        self.train_rows = batch_rows(len(data.train), batch_size, seed)
+        self.model, self.base, self.data, self.store, self.augment = model, base, data, store, augment
+        self.batch_size, self.seed = batch_size, seed
         self.val_rows = batch_rows(len(data.val), batch_size)
         self.cut: CutModel | None = None  # the current phase's cut, when it trains on stored output
         self.later: CutModel | None = None  # the fine-tune phase's cut, known before the first phase
@@ -55,9 +54,14 @@ class PhaseInputs:
             freeze(base, fine_tune_depth)
             self.later = cut_after_frozen(model, base)
 
-    def for_phase(self, first: bool, last: bool) -> tuple[keras.Model, tf.data.Dataset, tf.data.Dataset]:
-        """After the phase's freeze and compile: (the model to fit, train batches, val batches)."""
+    def for_phase(self, first: bool, last: bool, epochs: range) -> tuple[keras.Model, tf.data.Dataset, tf.data.Dataset]:
+        """After the phase's freeze and compile: (the model to fit, train batches of ``epochs``, val batches).
+
+        Epoch e's order is the run's (seed, e) order whether the phase reads images or stored
+        features, and whether the run started at epoch 1 or was resumed.
+        """
         self.cut, features = None, None
+        train_rows = batch_rows(len(self.data.train), self.batch_size, self.seed, epochs)
         if self.store is not None:
             self.cut = self.later if (self.later is not None and last) else cut_after_frozen(self.model, self.base)
             if self.later is not None and first and self.later.cut != POOL:  # the head on the whole frozen base
@@ -68,12 +72,15 @@ class PhaseInputs:
             self.cut = None
             return (
                 self.model,
-                batches(self.data.train.images, self.data.train.labels, self.train_rows, self.augment, self.seed),
+                batches(
+                    self.data.train.images, self.data.train.labels, train_rows,
+                    self.augment, batch_seeds(len(self.data.train), self.batch_size, self.seed, epochs) if self.augment else None,
+                ),
                 batches(self.data.val.images, self.data.val.labels, self.val_rows),
             )
         rest = self.cut.rest
         rest.compile(optimizer=self.model.optimizer, loss=self.model.loss, metrics=["accuracy"])  # the classifier's own optimizer
-        return rest, batches(features[0], self.data.train.labels, self.train_rows), batches(features[1], self.data.val.labels, self.val_rows)
+        return rest, batches(features[0], self.data.train.labels, train_rows), batches(features[1], self.data.val.labels, self.val_rows)
 
     def _stored(self, prefix: keras.Model, train: np.ndarray, val: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """What ``prefix`` computes for the train and val inputs, from the store; None if the disk cannot hold it."""

@@ -43,6 +43,7 @@ from datasets import integrity, stopping
 log = logging.getLogger(__name__)
 
 FORMAT = 1  # part of every key: bump it when what an entry holds changes (e.g. how BatchNormalization is folded)
+MADE_BY = "made_by.json"  # in each layers folder: the format and versions in its key (python -m runner.doctor reads it)
 DISK_RESERVE = 2**30  # bytes left free on the disk when an entry is written
 
 
@@ -57,7 +58,7 @@ def layers_key(frozen: keras.Model) -> str:
     Names are left out: Keras numbers them per process, so the same layers built twice differ only there.
     """
     digest = hashlib.blake2b(digest_size=12)
-    digest.update(f"{FORMAT} keras {keras.__version__} tensorflow {tf.__version__}".encode())
+    digest.update("{format} keras {keras} tensorflow {tensorflow}".format(**made_by()).encode())
     digest.update(f"{frozen.inputs[0].shape} -> {frozen.outputs[0].shape}".encode())
     for layer in leaf_layers(frozen):
         config = {k: v for k, v in layer.get_config().items() if k != "name"}
@@ -65,6 +66,11 @@ def layers_key(frozen: keras.Model) -> str:
     for weight in frozen.weights:
         digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight)).data)
     return digest.hexdigest()
+
+
+def made_by() -> dict[str, object]:
+    """The store format and library versions that :func:`layers_key` mixes in: entries made by others are never read."""
+    return {"format": FORMAT, "keras": keras.__version__, "tensorflow": tf.__version__}
 
 
 def pixels_key(images: np.ndarray) -> str:
@@ -156,6 +162,8 @@ class FeatureStore:
         """Compute and publish the entry (under its lock); None, with a warning, when the disk has no room for it."""
         for damaged in folder.glob(f"{stem}-*.npy"):  # under the lock none is intact (see features): never read again
             damaged.unlink()
+        if not (folder / MADE_BY).exists():
+            integrity.write_json(folder / MADE_BY, made_by())
         size = math.prod(shape) * 4
         self._make_room(size)
         free = shutil.disk_usage(self.root).free

@@ -1,8 +1,9 @@
 """Batches for Keras as a tf.data pipeline, of images or of stored frozen-layer output alike.
 
-What is shuffled is the order of the rows (:func:`batch_rows`), so the shuffle buffer holds
-indices, not images, and datasets made from the same rows share one sequence of epoch orders:
-a phase that reads images and one that reads stored features see the images in the same order.
+What is shuffled is the order of the rows (:func:`batch_rows`), not the images, and each
+epoch's order is a function of the seed and the epoch's number alone (:func:`epoch_order`):
+a phase that reads images and one that reads stored features see the images in the same order,
+and a run resumed at epoch e sees the orders of a run never stopped, with no iterator state to keep.
 """
 
 from __future__ import annotations
@@ -14,12 +15,26 @@ import numpy as np
 import tensorflow as tf
 
 
-def batch_rows(count: int, batch_size: int, shuffle_seed: int | None = None) -> tf.data.Dataset:
-    """The row indices of each batch; the same order for images and for their cached features."""
-    rows = tf.data.Dataset.range(count)
-    if shuffle_seed is not None:
-        rows = rows.shuffle(count, seed=shuffle_seed, reshuffle_each_iteration=True)
-    return rows.batch(batch_size)
+def epoch_order(count: int, seed: int, epoch: int) -> np.ndarray:
+    """The order of the ``count`` training rows in epoch ``epoch`` (from 1) of a run seeded ``seed``.
+
+    Drawn from (seed, epoch) alone, not from a shuffle's running state, so a resumed run
+    needs only the epoch number to continue the sequence of orders.
+    """
+    return np.random.default_rng([seed, epoch]).permutation(count)
+
+
+def batch_rows(count: int, batch_size: int, shuffle_seed: int | None = None, epochs: range = range(1, 2)) -> tf.data.Dataset:
+    """The row indices of each batch; the same order for images and for their cached features.
+
+    Unshuffled: the rows in order, once per pass. Shuffled: the batches of each epoch in
+    ``epochs`` one after the other, each in its :func:`epoch_order`; fit it with
+    ``steps_per_epoch=ceil(count / batch_size)`` so that Keras reads one pass over the epochs.
+    """
+    if shuffle_seed is None:
+        return tf.data.Dataset.range(count).batch(batch_size)
+    orders = np.stack([epoch_order(count, shuffle_seed, epoch) for epoch in epochs])
+    return tf.data.Dataset.from_tensor_slices(orders).flat_map(lambda order: tf.data.Dataset.from_tensor_slices(order).batch(batch_size))
 
 
 # Arrays up to an eighth of the machine's memory become one TensorFlow tensor, gathered in the
@@ -28,18 +43,29 @@ def batch_rows(count: int, batch_size: int, shuffle_seed: int | None = None) -> 
 IN_MEMORY = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 8
 
 
+def batch_seeds(count: int, batch_size: int, seed: int, epochs: range) -> tf.data.Dataset:
+    """One random seed per batch of :func:`batch_rows` (same arguments), for what changes each batch (augmentation).
+
+    Like the orders, each epoch's seeds are drawn from (seed, epoch) alone, so a resumed run
+    changes its batches as a run never stopped would.
+    """
+    per_epoch = -(-count // batch_size)
+    seeds = [np.random.default_rng([seed, epoch, 1]).integers(0, 2**31 - 1, per_epoch) for epoch in epochs]
+    return tf.data.Dataset.from_tensor_slices(np.concatenate(seeds).astype(np.int64))
+
+
 def batches(
     array: np.ndarray, labels: np.ndarray | None, rows: tf.data.Dataset,
-    augment: Callable[[np.ndarray, np.int64], np.ndarray] | None = None, seed: int = 0,
+    augment: Callable[[np.ndarray, np.int64], np.ndarray] | None = None, seeds: tf.data.Dataset | None = None,
 ) -> tf.data.Dataset:
     """Float32 batches (with labels, if given) of the rows of ``array`` in the order of ``rows``, prefetched.
 
-    ``augment(batch, batch_seed)``: applied to each (training) batch, the batch seeds drawn from a
-    ``tf.data`` random stream seeded by ``seed`` that draws anew each epoch, so runs repeat.
+    ``augment(batch, batch_seed)``: applied to each (training) batch, with the seeds of ``seeds``
+    (:func:`batch_seeds`, one per batch of ``rows``), so runs repeat.
 
     ``array``: uint8 images (cast per batch) or stored float32 features. What is shuffled is the
-    order of the rows (:func:`batch_rows`), so the shuffle buffer holds indices, not images, and
-    datasets made from the same ``rows`` share one sequence of epoch orders. Arrays up to
+    order of the rows (:func:`batch_rows`), not the images, and datasets made from the same
+    ``rows`` see the rows in the same order. Arrays up to
     ``IN_MEMORY`` bytes become one tensor; larger ones (the 40,000-image set, a frozen prefix's
     feature maps of thousands of images) are gathered batch by batch from NumPy, memory-mapped
     files included, with no copy of the whole array.
@@ -76,5 +102,5 @@ def batches(
         x.set_shape((None, *array.shape[1:]))
         return x, tf.gather(targets, rows)
 
-    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+    assert seeds is not None, "augmented batches need their seeds (batch_seeds)"
     return tf.data.Dataset.zip(rows, seeds).map(take_augmented, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
