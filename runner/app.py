@@ -17,7 +17,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import datasets
-from runner import interrupt, summary
+from runner import interrupt, lineage, summary
 from runner.config import RunConfig, to_run_config
 from runner.dispatch import trainer_for
 from runner.errors import RunnerError, storage_error
@@ -145,15 +145,19 @@ def _run(cfg: DictConfig) -> float:
         "threads": run_cfg.trainer.num_threads,
     }
     name = run_cfg.tracking.run_name or " ".join([run_cfg.model.name, *job.overrides])
-    spec = RunSpec(experiment_id, name, tags, params, job.overrides, job.sweep, job.sweep_parent, run_cfg.resume)
+    spec = RunSpec(
+        experiment_id, name, tags, params, job.overrides, job.sweep, job.sweep_parent, run_cfg.resume,
+        run_cfg.tracking.system_metrics_interval if run_cfg.tracking.system_metrics else None,
+    )
     interrupt.check()  # stopped while the data loaded: no run to open
     resume_from = prepare_resume(cfg, run_cfg.resume, job.output_dir / "resume") if run_cfg.resume else None
     with start_run(cfg, spec, job.output_dir) as tracker:
+        lineage.log_data_inputs(run_cfg.dataset, data, run_cfg.seed)
         if data.skipped:
             tracker.log_json({"skipped": data.skipped}, "data/skipped_images.json")
         model = trainer.fit(run_cfg, data, tracker, resume_from)
         metrics = evaluate_and_log(model, data, tracker)
         tracker.model_metadata["classes"] = data.classes
         model.log_model(tracker, data.train.images[:2].astype(np.float32))  # 2: a batch axis torch.export keeps dynamic
-    summary.report(metrics, tracker.run_id, run_cfg.tracking.experiment, run_cfg.tracking.uri, tracker.model_uri)
+    summary.report(metrics, tracker.run_id, run_cfg.tracking.experiment, run_cfg.tracking.uri, tracker.model_uri, experiment_id)
     return metrics[run_cfg.objective]

@@ -22,7 +22,7 @@ from mlflow.entities import RunStatus
 from mlflow.models import infer_signature
 from omegaconf import DictConfig, OmegaConf
 
-from runner import interrupt
+from runner import interrupt, system_metrics
 from runner.errors import ConfigError, StorageError
 from runner.store import absolute_tracking_uri, process_tags
 
@@ -157,7 +157,8 @@ HISTORY = "history.json"
 RESUME_MAY_DIFFER = frozenset(
     {"resume", "trainer.progress", "trainer.num_threads", "tracking.uri", "tracking.run_name",
      "tracking.artifact_root", "dataset.cache_dir", "dataset.decode_workers", "dataset.decode_cache",
-     "trainer.cache_frozen_features", "trainer.feature_cache_dir", "trainer.feature_cache_gb"}
+     "trainer.cache_frozen_features", "trainer.feature_cache_dir", "trainer.feature_cache_gb",
+     "tracking.system_metrics", "tracking.system_metrics_interval"}
 )
 
 
@@ -201,6 +202,7 @@ class RunSpec:
     sweep: str | None = None  # the sweep this job belongs to (its id, tagged on the run)
     sweep_parent: str | None = None  # the sweep's parent run, which this run nests under
     resume: str | None = None  # reopen this interrupted run instead of starting one
+    system_metrics_interval: float | None = None  # seconds between MLflow system metrics samples; None: none
 
 
 @contextmanager
@@ -215,13 +217,20 @@ def start_run(cfg: DictConfig, spec: RunSpec, output_dir: Path) -> Iterator[Trac
         tags["sweep_id"] = spec.sweep
     if spec.sweep_parent is not None:
         tags["mlflow.parentRunId"] = spec.sweep_parent
+    # System metrics: the runner's monitor (runner.system_metrics), never a second one from MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.
     if spec.resume is None:
-        active = mlflow.start_run(experiment_id=spec.experiment_id, run_name=spec.name[:250], tags={k: str(v) for k, v in {**tags, **process_tags()}.items()})
+        active = mlflow.start_run(
+            experiment_id=spec.experiment_id, run_name=spec.name[:250],
+            tags={k: str(v) for k, v in {**tags, **process_tags()}.items()}, log_system_metrics=False,
+        )
     else:
-        active = mlflow.start_run(run_id=spec.resume)
+        active = mlflow.start_run(run_id=spec.resume, log_system_metrics=False)
         mlflow.set_tags(process_tags())  # the run now lives in this process
     tracker = Tracker(active.info.run_id, output_dir, active.info.artifact_uri)
     interrupt.opened_run(tracker.run_id)  # so a stop's message can say which run it ended
+    monitor = None
+    if spec.system_metrics_interval is not None:
+        monitor = system_metrics.start(tracker.run_id, mlflow.get_tracking_uri(), spec.system_metrics_interval, spec.resume is not None)
     status = RunStatus.to_string(RunStatus.FAILED)
     try:
         if spec.resume is None:
@@ -238,6 +247,7 @@ def start_run(cfg: DictConfig, spec: RunSpec, output_dir: Path) -> Iterator[Trac
         log.error("run %s interrupted; continue it with: resume=%s (and the same overrides)", tracker.run_id, tracker.run_id)
         raise
     finally:
+        system_metrics.stop(monitor)
         _end_run(tracker.run_id, status)
 
 
