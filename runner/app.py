@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import datasets
 from datasets import DataSplits, stopping
-from runner import summary
+from runner import lineage, summary
 from runner.config import RunConfig, may_differ_on_resume, to_run_config
 from runner.epochs import HISTORY, SELECTED, EpochPolicy, Epochs
 from runner.errors import USER_ERRORS, ConfigError, storage_error
@@ -81,7 +81,7 @@ def _run(cfg: DictConfig) -> float:
         return cross_validate(ran, run_cfg, spec, job.output_dir, trainer, data)[run_cfg.objective]
     with start_run(ran, spec) as tracker:
         metrics = train_and_evaluate(run_cfg, data, tracker, trainer, job.output_dir, resume_from)
-    summary.report(metrics, tracker.run_id, run_cfg.tracking.experiment, run_cfg.tracking.uri, tracker.model_uri)
+    summary.report(metrics, tracker.run_id, run_cfg.tracking.experiment, run_cfg.tracking.uri, tracker.model_uri, experiment_id)
     return metrics[run_cfg.objective]
 
 
@@ -89,6 +89,7 @@ def train_and_evaluate(
     run_cfg: RunConfig, data: DataSplits, tracker: Tracker, trainer: Trainer, folder: Path, resume_from: Path | None = None
 ) -> dict[str, float]:
     """Train, score the test split and log the model, in the open run; returns the kept epoch's and the test metrics."""
+    lineage.log_data_inputs(run_cfg.dataset, data, run_cfg.seed)
     if data.skipped:
         tracker.log_json({"skipped": data.skipped}, "data/skipped_images.json")
     history = tracker.load_json(HISTORY) if resume_from else None
@@ -126,7 +127,7 @@ def cross_validate(ran: DictConfig, run_cfg: RunConfig, spec: RunSpec, folder: P
         summary_metrics = fold_summary(results)
         parent.log_metrics(summary_metrics)
         parent.log_json(results, "cv_folds.json")
-    summary.report(summary_metrics, parent.run_id, run_cfg.tracking.experiment, run_cfg.tracking.uri, None)
+    summary.report(summary_metrics, parent.run_id, run_cfg.tracking.experiment, run_cfg.tracking.uri, None, spec.experiment_id)
     return summary_metrics
 
 
@@ -163,4 +164,7 @@ def run_spec(run_cfg: RunConfig, job: JobContext, experiment_id: str, trainer: T
         "num_test": len(data.test),
     }
     name = run_cfg.tracking.run_name or " ".join([run_cfg.model.name, *job.overrides])
-    return RunSpec(experiment_id, name, tags, params, job.overrides, job.sweep, job.sweep_parent, run_cfg.resume)
+    return RunSpec(
+        experiment_id, name, tags, params, job.overrides, job.sweep, job.sweep_parent, run_cfg.resume,
+        run_cfg.tracking.system_metrics_interval if run_cfg.tracking.system_metrics else None,
+    )

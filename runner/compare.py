@@ -4,6 +4,8 @@
     python -m runner.compare --all                 # every run of the experiment
     python -m runner.compare --sweep multirun/2026-11-25/10-00-00 --metric test_f1
     python -m runner.compare --format markdown --output sweep.md
+    python -m runner.compare --curves sweep.png    # the runs' curves overlaid in one picture
+    python -m runner.compare --register cracks     # the best run's model, alias champion: models:/cracks@champion
 
 ``val_loss`` and ``val_accuracy`` are the kept epoch's (``trainer.select``: the best by default).
 A cross-validation (``dataset.folds=K``) is one row, its parent run: each metric's mean over
@@ -14,23 +16,30 @@ fold runs themselves are left out.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
 
 import mlflow
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from tabulate import tabulate
 
 from runner.config import MINIMISED
 from runner.epochs import SELECTED
 from runner.errors import USER_ERRORS, RunnerError
+from runner.registry import Champion, register_champion
 from runner.store import check_server
 from runner.tracking import SWEEP_PARENT_ROLE
+
+log = logging.getLogger("runner.compare")
 
 DEFAULT_METRICS = ("val_accuracy", "test_accuracy", "test_balanced_accuracy", "test_f1", "test_roc_auc", "test_loss", "best_epoch")
 # Params that differ between runs without being a choice of the user.
 NOISE_PARAMS = {"num_train", "num_val", "num_test", "threads", "trainer.num_threads", "device"}
+CURVES_RUNS = 10  # runs drawn by --curves, best first: more lines are no longer readable
+EPOCH_METRIC = "val_accuracy"  # the per-epoch curve of --curves
 
 
 def load_runs(uri: str, experiment: str, sweep: str | None, latest_sweep: bool) -> tuple[pd.DataFrame, str | None]:
@@ -79,6 +88,66 @@ def table(runs: pd.DataFrame, metric: str, metrics: tuple[str, ...] = DEFAULT_ME
 STD = "_std"  # a cross-validation parent's metric spread over its folds
 
 
+def ranked(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """``runs`` best ``metric`` first (a column that :func:`table` has checked), runs without it last."""
+    return runs.sort_values(f"metrics.{metric}", ascending=metric in MINIMISED, na_position="last", kind="stable")
+
+
+def best_run(runs: pd.DataFrame, metric: str) -> pd.Series:
+    """The finished run with the best ``metric``."""
+    done = runs[(runs["status"] == "FINISHED") & runs[f"metrics.{metric}"].notna()]
+    if done.empty:
+        raise RunnerError(f"no FINISHED run with the metric {metric!r} among the {len(runs)} selected: nothing to register. "
+                          "Let a run finish, or select others with --sweep or --all.")
+    return ranked(done, metric).iloc[0]
+
+
+def register_best(runs: pd.DataFrame, metric: str, name: str, tracking_uri: str) -> Champion:
+    """Register the best run's model as ``name`` and point the alias ``champion`` at it."""
+    best = best_run(runs, metric)
+    model_uri = best.get("tags.model_uri")
+    if not isinstance(model_uri, str):  # logged before runs tagged their model
+        model_uri = f"runs:/{best['run_id']}/model"
+    return register_champion(tracking_uri, name, best["run_id"], model_uri, metric, float(best[f"metrics.{metric}"]))
+
+
+def run_labels(runs: pd.DataFrame) -> dict[str, str]:
+    """Per run id: its command-line overrides that not all the runs share (``optimizer.lr=0.01``; else its name), and its short id."""
+    given = {row["run_id"]: str(row.get("tags.overrides") or "").split() for _, row in runs.iterrows()}
+    names = dict(zip(runs["run_id"], runs.get("tags.mlflow.runName", runs["run_id"])))
+    shared = set.intersection(*(set(overrides) for overrides in given.values())) if given else set()
+    labels = {}
+    for run_id, overrides in given.items():
+        own = " ".join(o for o in overrides if o not in shared) or str(names[run_id])
+        labels[run_id] = f"{own[:60]}{'...' if len(own) > 60 else ''} ({run_id[:8]})"
+    return labels
+
+
+def write_curves(runs: pd.DataFrame, metric: str, path: Path, tracking_uri: str) -> int:
+    """Draw the best ``CURVES_RUNS`` runs' curves overlaid into ``path`` (PNG, PDF or SVG by its suffix); returns how many."""
+    from runner import plots
+    from runner.evaluate import CURVES
+
+    client = mlflow.MlflowClient(tracking_uri)
+    labels = run_labels(runs)
+    drawn = []
+    for _, row in ranked(runs, metric).head(CURVES_RUNS).iterrows():
+        try:
+            curves = mlflow.artifacts.load_dict(f"{row['artifact_uri']}/{CURVES}")
+        except (MlflowException, OSError):
+            log.warning("run %s has no %s (it failed, or was logged by an older runner): only its %s is drawn",
+                        row["run_id"], CURVES, EPOCH_METRIC)
+            curves = None
+        epochs = [(m.step, m.value) for m in sorted(client.get_metric_history(row["run_id"], EPOCH_METRIC), key=lambda m: m.step)]
+        drawn.append((labels[row["run_id"]], curves, epochs))
+    more = f", the best {CURVES_RUNS} of {len(runs)} by {metric}" if len(runs) > CURVES_RUNS else ""
+    figure = plots.runs_curves_figure(drawn, EPOCH_METRIC, f"{len(drawn)} run(s){more}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+    plots.close(figure)
+    return len(drawn)
+
+
 def render(frame: pd.DataFrame, fmt: str) -> str:
     """CSV keeps full precision; tables show metrics to 4 places (``mean ± std`` for cross-validations) and params as logged."""
     if fmt == "csv":
@@ -103,21 +172,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metric", default="val_accuracy", help="sort by this metric (best first)")
     parser.add_argument("--format", choices=("table", "markdown", "csv"), default="table")
     parser.add_argument("--output", type=Path, help="also write the table to this file")
+    parser.add_argument("--curves", type=Path, metavar="FILE",
+                        help=f"draw the runs' {EPOCH_METRIC} per epoch, ROC, precision-recall and reliability curves "
+                             f"overlaid into FILE (.png, .pdf, .svg; the best {CURVES_RUNS})")
+    parser.add_argument("--register", metavar="NAME",
+                        help="register the best run's model (by --metric) as NAME in the model registry and point "
+                             "the alias 'champion' at it: models:/NAME@champion")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         runs, sweep = load_runs(args.tracking_uri, args.experiment, args.sweep, latest_sweep=not args.all)
         text = render(table(runs, args.metric), args.format)
+        drawn = write_curves(runs, args.metric, args.curves, args.tracking_uri) if args.curves else 0
+        champion = register_best(runs, args.metric, args.register, args.tracking_uri) if args.register else None
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     header = f"{len(runs)} run(s) of {'sweep ' + sweep if sweep else 'experiment ' + args.experiment}, best {args.metric} first"
-    if args.format == "csv":  # stdout stays machine-readable
+    notes = sys.stderr if args.format == "csv" else sys.stdout  # stdout stays machine-readable
+    if args.format == "csv":
         print(header, file=sys.stderr)
         print(text, end="")
     else:
         print(f"{header}\n\n{text}")
     if args.output:
         args.output.write_text(text if args.format == "csv" else f"{header}\n\n{text}\n")
+    if args.curves:
+        print(f"\ncurves of {drawn} run(s): {args.curves}", file=notes)
+    if champion:
+        print(f"\nchampion: {champion.uri} = {champion.name} version {champion.version} "
+              f"(run {champion.run_id}, {champion.metric} {champion.value:.4f})", file=notes)
     return 0
 
 

@@ -358,12 +358,17 @@ class TrackingConfig:
     experiment: str = "crack-classification"
     artifact_root: str = how("mlruns")
     run_name: Optional[str] = how(None)
+    # MLflow's own system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py), sampled
+    # every ``system_metrics_interval`` seconds, plus one last sample when the run ends.
+    system_metrics: bool = how(True)
+    system_metrics_interval: float = how(5.0)
 
     def __post_init__(self) -> None:
         _text("tracking.uri", self.uri, "sqlite:///mlflow.db")
         _text("tracking.experiment", self.experiment, "crack-classification")
         _text("tracking.artifact_root", self.artifact_root, "mlruns")
         _text("tracking.run_name", self.run_name, "baseline", nullable=True)
+        _positive("tracking.system_metrics_interval", self.system_metrics_interval, 5, " (seconds between samples)")
 
 
 @dataclass

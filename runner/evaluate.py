@@ -6,9 +6,12 @@ import numpy as np
 
 from datasets import DataSplits
 from runner import plots
+from runner.explain import explanation_figures
 from runner.metrics import classification_metrics, confusion
 from runner.tracking import Tracker
 from runner.trainer import TrainedModel
+
+CURVES = "curves.json"  # the points of the ROC, precision-recall and reliability plots (runner.compare --curves)
 
 
 def evaluate_and_log(model: TrainedModel, data: DataSplits, tracker: Tracker, selected: int | None = None) -> dict[str, float]:
@@ -22,11 +25,16 @@ def evaluate_and_log(model: TrainedModel, data: DataSplits, tracker: Tracker, se
     test = {f"test_{k}": v for k, v in classification_metrics(labels, probs, data.classes).items()}
     tracker.log_metrics(test)
     files = [path.relative_to(data.root).as_posix() for path in data.test.paths]
+    curves = plots.test_curves(labels, probs, data.classes)
+    tracker.log_json(curves, CURVES)
     for name, fig in (
         ("plots/learning_curves.png", plots.learning_curves(model.history, selected)),
         ("plots/confusion_matrix.png", plots.confusion_matrix_figure(confusion(labels, probs, len(data.classes)), data.classes)),
-        ("plots/roc_curve.png", plots.roc_figure(labels, probs, data.classes)),
+        ("plots/roc_curve.png", plots.roc_figure(curves)),
+        ("plots/pr_curve.png", plots.pr_figure(curves)),
+        ("plots/calibration.png", plots.calibration_figure(curves)),
         ("plots/misclassified.png", plots.misclassified_grid(data.test.images, labels, probs, data.classes, files)),
+        *explanation_figures(model, data, probs, files),
     ):
         tracker.log_figure(fig, name)
         plots.close(fig)

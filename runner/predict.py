@@ -1,6 +1,7 @@
 """``python -m runner.predict MODEL IMAGE_OR_FOLDER...``: the class and probability of each image.
 
 MODEL is a run id (its logged model) or any MLflow model URI (``runs:/<id>/model``,
+``models:/<name>@champion`` (the version ``runner.compare --register`` pointed the alias at),
 ``models:/<name>/<version>``, a local model folder). Both streams work alike: the logged
 model takes raw pixels and holds its own preprocessing, the input size comes from the
 model's signature and the files are decoded by ``datasets.folder``, as in training.
@@ -145,7 +146,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Predict the class of image files with a model logged by `python -m runner`.",
     )
     parser.add_argument(
-        "model", help="MLflow run id, or a model URI (runs:/<id>/model, models:/<name>/<version>) or model folder"
+        "model",
+        help="MLflow run id, or a model URI (runs:/<id>/model, models:/<name>@champion, models:/<name>/<version>) or model folder",
     )
     parser.add_argument("images", nargs="+", type=Path, help="image files and/or folders (searched recursively)")
     parser.add_argument(

@@ -123,18 +123,29 @@ def check_server(uri: str) -> None:
         )
 
 
+# What an experiment is for, as MLflow 3 records it (its UI sets it when a person picks a kind): model
+# training, not GenAI apps. MLflow 3.17's UI picks its view by its own toggle instead (runner.summary.ui_link).
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def experiment_id(uri: str, name: str, artifact_root: str) -> str:
-    """Get or create the experiment; local stores keep its artifacts under ``artifact_root``."""
+    """Get or create the experiment, tagged as model development; local stores keep its artifacts under ``artifact_root``.
+
+    An existing experiment without a kind (made by an older runner) gets the tag too; one
+    whose kind a person chose keeps it.
+    """
     client = mlflow.MlflowClient(uri)
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
-    location = absolute_path(artifact_root).as_uri() if local else None
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel job
-        return client.get_experiment_by_name(name).experiment_id
+    if experiment is None:
+        local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
+        location = absolute_path(artifact_root).as_uri() if local else None
+        try:
+            return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel job
+            experiment = client.get_experiment_by_name(name)
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment.experiment_id
 
 
 def _open_sqlite(database: Path, uri: str) -> None:

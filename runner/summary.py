@@ -11,15 +11,22 @@ from runner.console import RESULTS
 results = logging.getLogger(RESULTS)  # on stdout (conf/config.yaml), apart from the logs on stderr
 
 
-def ui_command(tracking_uri: str) -> str:
-    """The command that opens the MLflow UI on this run's store."""
-    if tracking_uri.startswith(("http://", "https://")):
-        return f"open {tracking_uri} in a browser"
-    return f"mlflow ui --backend-store-uri {tracking_uri}"
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+# MLflow 3.17's UI opens an experiment in its GenAI view (traces, an assistant) unless the link
+# asks for the model-training view: its own toggle decides, not the experiment's kind tag.
+TRAINING_VIEW = "workflowType=machine_learning"
 
 
-def report(metrics: dict[str, float], run_id: str, experiment: str, tracking_uri: str, model_uri: str | None) -> str:
-    """Log and return the summary block.
+def ui_link(tracking_uri: str, experiment_id: str) -> str:
+    """The experiment's runs table in the UI's model-training view."""
+    host = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else LOCAL_UI
+    return f"{host}/#/experiments/{experiment_id}/runs?{TRAINING_VIEW}"
+
+
+def report(
+    metrics: dict[str, float], run_id: str, experiment: str, tracking_uri: str, model_uri: str | None, experiment_id: str
+) -> str:
+    """Log and return the summary block, with a link to the experiment's runs in the UI.
 
     A cross-validation's parent (``model_uri`` None) has each metric's mean and, as
     ``<name>_std``, its spread over the folds: shown as ``mean ± std``, the models being the folds'.
@@ -32,6 +39,9 @@ def report(metrics: dict[str, float], run_id: str, experiment: str, tracking_uri
         [f"model:       {model_uri}", f"predict:     python -m runner.predict {run_id} <images or folder>"]
         if model_uri else ["models:      one per fold, in the runs nested under this one"]
     )
+    link = ui_link(tracking_uri, experiment_id)
+    remote = tracking_uri.startswith(("http://", "https://"))
+    ui = f"open {link}" if remote else f"mlflow ui --backend-store-uri {tracking_uri}   then open {link}"
     text = "\n".join(
         [
             "",
@@ -39,7 +49,7 @@ def report(metrics: dict[str, float], run_id: str, experiment: str, tracking_uri
             "",
             f"MLflow run:  {run_id}  (experiment {experiment!r})",
             *where,
-            f"MLflow UI:   {ui_command(tracking_uri)}   then open http://127.0.0.1:5000",
+            f"MLflow UI:   {ui}",
         ]
     )
     results.info("%s", text)

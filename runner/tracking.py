@@ -26,7 +26,7 @@ from mlflow.entities import RunStatus
 from mlflow.models import infer_signature
 from omegaconf import DictConfig, OmegaConf
 
-from runner import interrupt
+from runner import interrupt, system_metrics
 from runner.errors import ConfigError, StorageError
 from runner.store import SWEEP_PARENT_ROLE, absolute_tracking_uri, process_tags
 
@@ -222,6 +222,7 @@ class RunSpec:
     sweep: str | None = None  # the sweep this job belongs to (its id, tagged on the run)
     sweep_parent: str | None = None  # the run this one nests under: its sweep's parent, or its cross-validation's
     resume: str | None = None  # reopen this interrupted run instead of starting one
+    system_metrics_interval: float | None = None  # seconds between MLflow system metrics samples; None: none
 
 
 @contextmanager
@@ -236,16 +237,20 @@ def start_run(cfg: DictConfig, spec: RunSpec) -> Iterator[Tracker]:
         tags["sweep_id"] = spec.sweep
     if spec.sweep_parent is not None:
         tags["mlflow.parentRunId"] = spec.sweep_parent
+    # System metrics: the runner's monitor (runner.system_metrics), never a second one from MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.
     if spec.resume is None:
         active = mlflow.start_run(
             experiment_id=spec.experiment_id, run_name=spec.name[:250], tags={k: str(v) for k, v in {**tags, **process_tags()}.items()},
-            nested=mlflow.active_run() is not None,  # a cross-validation fold inside its parent run
+            nested=mlflow.active_run() is not None, log_system_metrics=False,  # nested: a cross-validation fold inside its parent run
         )
     else:
-        active = mlflow.start_run(run_id=spec.resume)
+        active = mlflow.start_run(run_id=spec.resume, log_system_metrics=False)
         mlflow.set_tags(process_tags())  # the run now lives in this process
     tracker = Tracker(active.info.run_id, active.info.artifact_uri, active.data.params if spec.resume else None)
     interrupt.opened_run(tracker.run_id)  # so a stop's message can say which run it ended
+    monitor = None
+    if spec.system_metrics_interval is not None:
+        monitor = system_metrics.start(tracker.run_id, mlflow.get_tracking_uri(), spec.system_metrics_interval, spec.resume is not None)
     status = RunStatus.to_string(RunStatus.FAILED)
     try:
         if spec.resume is None:
@@ -261,6 +266,7 @@ def start_run(cfg: DictConfig, spec: RunSpec) -> Iterator[Tracker]:
         interrupt.killed_run(tracker.run_id)
         raise
     finally:
+        system_metrics.stop(monitor)
         _end_run(tracker.run_id, status)
 
 

@@ -18,6 +18,8 @@ from runner.config import register_schemas
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
+# Pictures and screenshots the tests make for a person to look at (git-ignored).
+ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS") or Path(__file__).parent / "artifacts")
 
 register_schemas()
 

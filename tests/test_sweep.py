@@ -99,7 +99,7 @@ def test_run_logs_through_a_real_tracking_server(cli, mlflow_server, tmp_path):
     )
     result = cli(f"tracking.uri={server}")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"open {server} in a browser" in result.stdout  # the summary is a result: stdout
+    assert f"open {server}/#/experiments/1/runs?workflowType=machine_learning" in result.stdout  # the summary (stdout) links the training view
     client = mlflow.MlflowClient(server)
     (run,) = client.search_runs([client.get_experiment_by_name("crack-classification").experiment_id])
     assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
