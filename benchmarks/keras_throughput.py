@@ -40,7 +40,7 @@ def measure(args: argparse.Namespace, freeze_depth: int | None) -> tuple[int, fl
     model, base = build(args.model, None, (size, size, 3), 2)
     frozen = frozen_layer_count(base, freeze_depth)
     freeze(base, frozen)
-    optimizer = SGDConfig(lr=0.01)
+    optimizer = SGDConfig(lr=0.01, weight_decay=0.0, momentum=0.9)
     keras_trainer.compile_model(model, optimizer, optimizer.lr)
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (args.images, size, size, 3), dtype=np.uint8)

@@ -2,7 +2,9 @@
 
 Every YAML file under ``conf/`` is merged onto one of these dataclasses (registered in
 Hydra's ConfigStore under ``schema/``), so a typo'd key or a value of the wrong type fails
-at composition time with a message naming the key. Range checks that a type cannot express
+at composition time with a message naming the key. The dataclasses hold types and checks,
+not values: every default lives in ``conf/`` alone (a key no YAML sets has no value and is
+reported as such), so the schema and the YAML cannot disagree. Range checks that a type cannot express
 live in ``__post_init__`` and run when :func:`to_run_config` turns the composed DictConfig
 into these objects.
 """
@@ -70,9 +72,9 @@ def _fixed(group: str, node: Any, key: str, options: str) -> None:
     _check(fixed == MISSING or getattr(node, key) == fixed, f"{group}.{key}", valid, getattr(node, key), fixed)
 
 
-def how(default: Any) -> Any:
+def how() -> Any:
     """A key that says where or how a run runs, not what it computes: it may differ when the run is resumed."""
-    return field(default=default, metadata={HOW: True})
+    return field(default=MISSING, metadata={HOW: True})
 
 
 HOW = "where_or_how"
@@ -99,16 +101,16 @@ class DatasetConfig:
     """Where the images come from and how they are split."""
 
     name: str = MISSING
-    path: Optional[str] = None
-    image_size: int = 227
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    limit: Optional[int] = None
-    cache_dir: str = how("data")
-    decode_workers: Optional[int] = how(None)
-    decode_cache: bool = how(True)
-    in_memory_gb: Optional[float] = how(None)  # pixels above this are memory-mapped (None: half the machine's memory)
-    folds: Optional[int] = None  # K: K-fold cross-validation of train+val (test held out) under one parent run
+    path: Optional[str] = MISSING
+    image_size: int = MISSING
+    val_fraction: float = MISSING
+    test_fraction: float = MISSING
+    limit: Optional[int] = MISSING
+    cache_dir: str = how()
+    decode_workers: Optional[int] = how()
+    decode_cache: bool = how()
+    in_memory_gb: Optional[float] = how()  # pixels above this are memory-mapped (None: half the machine's memory)
+    folds: Optional[int] = MISSING  # K: K-fold cross-validation of train+val (test held out) under one parent run
 
     def __post_init__(self) -> None:
         _fixed("dataset", self, "name", "synthetic_cracks|concrete_cracks|image_folder")
@@ -141,9 +143,9 @@ class SyntheticCracksConfig(DatasetConfig):
     """The embedded generator: deterministic from ``seed``, cached under ``cache_dir``."""
 
     name: str = "synthetic_cracks"
-    samples_per_class: int = 500
-    source_size: int = 227
-    seed: int = 0
+    samples_per_class: int = MISSING
+    source_size: int = MISSING
+    seed: int = MISSING
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -158,7 +160,7 @@ class ConcreteCracksConfig(DatasetConfig):
 
     name: str = "concrete_cracks"
     url: str = MISSING
-    sha256: Optional[str] = None
+    sha256: Optional[str] = MISSING
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -205,10 +207,10 @@ class KerasBackboneConfig(ModelConfig):
     """A pre-trained keras.applications base with a new classification head."""
 
     framework: str = "keras"
-    weights: Optional[str] = "imagenet"
-    head_units: int = 256
-    dropout: float = 0.5
-    min_image_size: int = 32
+    weights: Optional[str] = MISSING
+    head_units: int = MISSING
+    dropout: float = MISSING
+    min_image_size: int = MISSING
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -235,8 +237,8 @@ OPTIMIZERS: dict[str, dict[str, tuple[str, Callable[[Any], dict[str, Any]]]]] = 
 @dataclass
 class OptimizerConfig:
     name: str = MISSING
-    lr: float = 0.01
-    weight_decay: float = 0.0
+    lr: float = MISSING
+    weight_decay: float = MISSING
 
     def __post_init__(self) -> None:
         _fixed("optimizer", self, "name", "sgd|adam")
@@ -247,7 +249,7 @@ class OptimizerConfig:
 @dataclass
 class SGDConfig(OptimizerConfig):
     name: str = "sgd"
-    momentum: float = 0.9
+    momentum: float = MISSING
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -257,9 +259,9 @@ class SGDConfig(OptimizerConfig):
 @dataclass
 class AdamConfig(OptimizerConfig):
     name: str = "adam"
-    lr: float = 0.001
-    beta1: float = 0.9
-    beta2: float = 0.999
+    lr: float = MISSING
+    beta1: float = MISSING
+    beta2: float = MISSING
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -272,11 +274,11 @@ class AugmentConfig:
     """Random changes to training batches (conf/augment/): each transform on its own switch; none touches val or test."""
 
     name: str = "none"
-    hflip: bool = False  # mirror left-right, half the images
-    vflip: bool = False  # mirror top-bottom, half the images
-    rot90: bool = False  # rotate by 0, 90, 180 or 270 degrees (square images)
-    brightness: float = 0.0  # add up to +-this share of the pixel range (0.1: +-25.5 levels)
-    contrast: float = 0.0  # scale each image's deviation from its mean by 1 +- up to this
+    hflip: bool = MISSING  # mirror left-right, half the images
+    vflip: bool = MISSING  # mirror top-bottom, half the images
+    rot90: bool = MISSING  # rotate by 0, 90, 180 or 270 degrees (square images)
+    brightness: float = MISSING  # add up to +-this share of the pixel range (0.1: +-25.5 levels)
+    contrast: float = MISSING  # scale each image's deviation from its mean by 1 +- up to this
 
     def __post_init__(self) -> None:
         _fraction("augment.brightness", self.brightness, 0.1)
@@ -303,32 +305,32 @@ CLASS_WEIGHTS = (None, "balanced")
 
 @dataclass
 class TrainerConfig:
-    epochs: int = 10
-    fine_tune_epochs: int = 5
-    batch_size: int = 32
-    num_threads: Optional[int] = how(None)
-    progress: bool = how(True)
+    epochs: int = MISSING
+    fine_tune_epochs: int = MISSING
+    batch_size: int = MISSING
+    num_threads: Optional[int] = how()
+    progress: bool = how()
     # "32": float32 throughout. "bf16-mixed": bfloat16 compute with float32 weights (both
     # frameworks), about 1.5x faster where the hardware has bfloat16 units, slightly different results.
-    precision: str = "32"
+    precision: str = MISSING
     # Keras: compute the frozen layers once per image and train on their stored output
     # (equal results; see runner.frozen_features). False: through them every epoch.
-    cache_frozen_features: bool = how(True)
-    feature_cache_dir: str = how("data/features")  # the store, shared by runs and sweep jobs
-    feature_cache_gb: float = how(10.0)  # least recently used entries beyond this are deleted
+    cache_frozen_features: bool = how()
+    feature_cache_dir: str = how()  # the store, shared by runs and sweep jobs
+    feature_cache_gb: float = how()  # least recently used entries beyond this are deleted
     # Which epoch a run keeps (runner.epochs): the best by `monitor` (val_loss minimised, val_accuracy
     # maximised), or the last; early stopping after `early_stopping_patience` epochs without a gain above min_delta.
-    monitor: str = "val_loss"
-    select: str = "best"
-    early_stopping_patience: Optional[int] = None
-    min_delta: float = 0.0
+    monitor: str = MISSING
+    select: str = MISSING
+    early_stopping_patience: Optional[int] = MISSING
+    min_delta: float = MISSING
     # The rate of each epoch (runner.schedules), per phase from that phase's base rate.
-    lr_schedule: str = "none"
-    warmup_epochs: int = 0
-    lr_decay: float = 0.1  # step and plateau: the factor of each cut
-    lr_step_epochs: int = 3  # step: cut every this many epochs after the warm-up
-    lr_plateau_patience: int = 2  # plateau: cut after this many epochs without a gain of `monitor`
-    class_weights: Optional[str] = None  # balanced: each class weighs n / (classes x its count) in the training loss
+    lr_schedule: str = MISSING
+    warmup_epochs: int = MISSING
+    lr_decay: float = MISSING  # step and plateau: the factor of each cut
+    lr_step_epochs: int = MISSING  # step: cut every this many epochs after the warm-up
+    lr_plateau_patience: int = MISSING  # plateau: cut after this many epochs without a gain of `monitor`
+    class_weights: Optional[str] = MISSING  # balanced: each class weighs n / (classes x its count) in the training loss
 
     def __post_init__(self) -> None:
         _positive("trainer.epochs", self.epochs, 10)
@@ -354,14 +356,14 @@ class TrainerConfig:
 
 @dataclass
 class TrackingConfig:
-    uri: str = how("sqlite:///mlflow.db")
-    experiment: str = "crack-classification"
-    artifact_root: str = how("mlruns")
-    run_name: Optional[str] = how(None)
+    uri: str = how()
+    experiment: str = MISSING
+    artifact_root: str = how()
+    run_name: Optional[str] = how()
     # MLflow's own system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py), sampled
     # every ``system_metrics_interval`` seconds, plus one last sample when the run ends.
-    system_metrics: bool = how(True)
-    system_metrics_interval: float = how(5.0)
+    system_metrics: bool = how()
+    system_metrics_interval: float = how()
 
     def __post_init__(self) -> None:
         _text("tracking.uri", self.uri, "sqlite:///mlflow.db")
@@ -378,14 +380,14 @@ class RunConfig:
     dataset: Any = MISSING
     model: Any = MISSING
     optimizer: Any = MISSING
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    seed: int = 42
-    freeze_depth: Optional[int] = None
-    fine_tune_lr: Optional[float] = None
-    objective: str = "val_accuracy"
-    resume: Optional[str] = how(None)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    augment: AugmentConfig = MISSING
+    seed: int = MISSING
+    freeze_depth: Optional[int] = MISSING
+    fine_tune_lr: Optional[float] = MISSING
+    objective: str = MISSING
+    resume: Optional[str] = how()
+    trainer: TrainerConfig = MISSING
+    tracking: TrackingConfig = MISSING
 
     def __post_init__(self) -> None:
         if self.model.framework != "keras":

@@ -42,13 +42,16 @@ class JobLabel(logging.Filter):
         return True
 
 
+INTERNAL_GROUPS = ("hydra", "shared")  # Hydra's own groups; the keys dataset options share (conf/shared/)
+
+
 def config_groups() -> str:
     """The user's config groups and their options (``conf/<group>/*.yaml``), one line each, for ``--help``.
 
     Read from the folder, so it never goes stale; the typed schemas Hydra also knows (``schema/*``) are internal.
     """
     lines = []
-    for group in sorted(p for p in CONF.iterdir() if p.is_dir() and p.name != "hydra"):  # hydra/: Hydra's own groups
+    for group in sorted(p for p in CONF.iterdir() if p.is_dir() and p.name not in INTERNAL_GROUPS):
         options = sorted(f.stem for f in group.glob("*.yaml"))
         lines.append(f"{group.name}: {', '.join(options)}")
     return "\n".join(lines)

@@ -94,8 +94,8 @@ def test_augmentation_is_the_same_for_the_same_seed_and_each_switch_alone_change
     assert first.dtype == np.float32 and first.shape == images.shape and 0 <= first.min() and first.max() <= 255
     np.testing.assert_array_equal(first, again)
     assert not np.array_equal(first, other)
-    np.testing.assert_array_equal(augment(images, 7, AugmentConfig()), images.astype(np.float32))  # all off: unchanged
-    flips = augment(images, 7, AugmentConfig("flips", hflip=True))
+    np.testing.assert_array_equal(augment(images, 7, AugmentConfig("none", False, False, False, 0.0, 0.0)), images.astype(np.float32))  # all off: unchanged
+    flips = augment(images, 7, AugmentConfig("flips", hflip=True, vflip=False, rot90=False, brightness=0.0, contrast=0.0))
     changed = [i for i in range(16) if not np.array_equal(flips[i], images[i])]
     assert 0 < len(changed) < 16
     for i in changed:

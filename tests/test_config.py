@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import MISSING
 
 from runner.config import AdamConfig, ImageFolderConfig, LinearConfig, SGDConfig, SyntheticCracksConfig, to_run_config
 from runner.errors import ConfigError
@@ -119,3 +121,16 @@ def test_keras_keys_with_linear_say_why(make_cfg):
 def test_image_folder_without_path_says_which_key(make_cfg):
     with pytest.raises(ConfigError, match=r"dataset\.path has no value"):
         to_run_config(make_cfg("dataset=image_folder", tiny=False))
+
+
+def test_every_default_lives_in_the_yaml_alone():
+    """The schema types and checks the keys; their values come from conf/ only, so the two can never disagree."""
+    from runner.config import _SCHEMAS, RunConfig, TrackingConfig, TrainerConfig
+
+    with_values = []
+    for schema in [RunConfig, TrainerConfig, TrackingConfig, *(s for group in _SCHEMAS.values() for s in group.values())]:
+        for f in dataclasses.fields(schema):
+            fixed = f.name in ("name", "framework")  # what a schema is (checked by _fixed), not a setting
+            if not fixed and (f.default is not MISSING or f.default_factory is not dataclasses.MISSING):
+                with_values.append(f"{schema.__name__}.{f.name}")
+    assert with_values == []
