@@ -12,6 +12,9 @@ built-in Keras layer, so the saved model loads in any process without this proje
 from __future__ import annotations
 
 import contextlib
+import os
+import urllib.error
+import urllib.request
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,15 +28,23 @@ from models.errors import ModelError
 
 @dataclass(frozen=True)
 class Backbone:
-    """A ``keras.applications`` constructor and the preprocessing its ImageNet weights expect."""
+    """A ``keras.applications`` constructor, the preprocessing its ImageNet weights expect, and where Keras gets those."""
 
     constructor: Callable[..., keras.Model]
     preprocess_input: Callable[[np.ndarray], np.ndarray]
+    imagenet_url: str  # the base's weights without the top; Keras keeps them in ~/.keras/models under the URL's file name
 
 
+KERAS_WEIGHTS = "https://storage.googleapis.com/tensorflow/keras-applications"
 BACKBONES = {
-    "resnet50": Backbone(keras.applications.ResNet50, keras.applications.resnet50.preprocess_input),
-    "vgg16": Backbone(keras.applications.VGG16, keras.applications.vgg16.preprocess_input),
+    "resnet50": Backbone(
+        keras.applications.ResNet50, keras.applications.resnet50.preprocess_input,
+        f"{KERAS_WEIGHTS}/resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    ),
+    "vgg16": Backbone(
+        keras.applications.VGG16, keras.applications.vgg16.preprocess_input,
+        f"{KERAS_WEIGHTS}/vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    ),
 }
 
 
@@ -42,6 +53,46 @@ def backbone(name: str) -> Backbone:
     if name not in BACKBONES:
         raise ModelError(f"model.name: no Keras backbone named {name!r}; known: {', '.join(BACKBONES)}")
     return BACKBONES[name]
+
+
+def check_weights(name: str, weights: str | None) -> None:
+    """Find weights that cannot be had before anything is built or logged: a ModelError naming the fix.
+
+    ``imagenet``: in Keras' cache, or its download answers (a HEAD request); a path: a file there.
+    Whether a file fits the base is known only when it is loaded (:func:`load_base`).
+    """
+    if weights is None:
+        return
+    if weights != "imagenet":
+        _weights_file(name, weights)
+        return
+    url = backbone(name).imagenet_url
+    cached = Path(os.environ.get("KERAS_HOME", "~/.keras")).expanduser() / "models" / url.rsplit("/", 1)[-1]
+    if cached.is_file():
+        return
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=15):
+            pass
+    except (urllib.error.URLError, OSError) as err:
+        raise _no_imagenet(name, f"{url} does not answer: {getattr(err, 'reason', err)}") from None
+
+
+def _no_imagenet(name: str, why: str) -> ModelError:
+    return ModelError(
+        f"model.weights=imagenet: the ImageNet weights of {name} could not be downloaded ({why}). "
+        f"Set model.weights=null (random init) or model.weights=/path/to/a local {name} weights file "
+        "without the top (e.g. the *_notop.h5 file copied from ~/.keras/models of a machine with a network)."
+    )
+
+
+def _weights_file(name: str, weights: str) -> Path:
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise ModelError(
+            f"model.weights: no weights file at {str(path)!r}. Give the path of a {name} weights file without "
+            "the top (*_notop.h5 or *.weights.h5), or model.weights=imagenet, or model.weights=null (random init)."
+        )
+    return path
 
 
 def load_base(name: str, weights: str | None, input_shape: tuple[int, int, int]) -> keras.Model:
@@ -59,17 +110,8 @@ def load_base(name: str, weights: str | None, input_shape: tuple[int, int, int])
         try:
             return constructor(include_top=False, weights="imagenet", input_shape=input_shape)
         except Exception as err:  # keras.utils.get_file raises a bare Exception when the download fails
-            raise ModelError(
-                f"model.weights=imagenet: the ImageNet weights of {name} could not be downloaded ({err}). "
-                f"Set model.weights=null (random init) or model.weights=/path/to/a local {name} weights file "
-                "without the top (e.g. the *_notop.h5 file copied from ~/.keras/models of a machine with a network)."
-            ) from None
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise ModelError(
-            f"model.weights: no weights file at {str(path)!r}. Give the path of a {name} weights file without "
-            "the top (*_notop.h5 or *.weights.h5), or model.weights=imagenet, or model.weights=null (random init)."
-        )
+            raise _no_imagenet(name, str(err)) from None
+    path = _weights_file(name, weights)
     base = constructor(include_top=False, weights=None, input_shape=input_shape)
     try:
         with warnings.catch_warnings():

@@ -28,10 +28,11 @@ class LinearClassifier(nn.Module):
     ) -> None:
         super().__init__()
         features = math.prod(image_shape)
-        repeats = features // len(mean)  # channels are the last axis: the pattern repeats per pixel
-        mean_t = torch.as_tensor(mean, dtype=torch.float32).repeat(repeats)
-        std_t = torch.as_tensor(std, dtype=torch.float32).repeat(repeats)
-        # ((pixels / 255 - mean) / std) / sqrt(features) = pixels * scale + shift over the flattened image
+        self.pixels = features // len(mean)  # channels are the last axis: the per-channel pattern repeats per pixel
+        mean_t = torch.as_tensor(mean, dtype=torch.float32)
+        std_t = torch.as_tensor(std, dtype=torch.float32)
+        # ((pixels / 255 - mean) / std) / sqrt(features) = pixels * scale + shift, per channel
+        # (kept per channel: per input they would double the size of the model and its checkpoints)
         root = math.sqrt(features)
         self.register_buffer("scale", 1.0 / (255.0 * std_t * root))
         self.register_buffer("shift", -mean_t / (std_t * root))
@@ -41,4 +42,5 @@ class LinearClassifier(nn.Module):
         # w . (x * scale + shift) + b == (w * scale) . x + (w . shift + b): the normalisation folded
         # into the weights costs 2 x features multiply-adds a batch instead of batch x features.
         weight = self.linear.weight
-        return nn.functional.linear(pixels.flatten(1), weight * self.scale, self.linear.bias + weight @ self.shift)
+        scale, shift = self.scale.repeat(self.pixels), self.shift.repeat(self.pixels)
+        return nn.functional.linear(pixels.flatten(1), weight * scale, self.linear.bias + weight @ shift)

@@ -64,6 +64,7 @@ def _run(cfg: DictConfig) -> float:
         run_cfg.resume = resume_target(uri, earlier)
     ran = OmegaConf.structured(run_cfg)  # what is logged and compared on resume: the config that runs
     trainer = trainer_for(run_cfg.model.framework)
+    trainer.check(run_cfg)  # before the data loads and any run opens
     seed_everything(run_cfg.seed, trainer)
     data = datasets.load(run_cfg.dataset, run_cfg.seed, progress=run_cfg.trainer.progress)
     stopping.check()  # stopped while the data loaded: no run to open

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -32,6 +33,18 @@ HISTORY = "history.json"  # the epochs so far, rewritten each epoch (a resumed r
 EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
 SELECTED = "selected_"  # prefix of the kept epoch's val metrics
 DIVERGED_FACTOR = 10.0  # a validation loss this many times its lowest so far is reported as divergence
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """``target`` as a hard link to ``source`` (no second copy on disk), or a copy where links are not possible.
+
+    Safe for checkpoints: each is replaced by a rename (a new file), never rewritten in place,
+    so the link keeps the content it was made with.
+    """
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def check_finite(what: str, value: float, where: str, lr_key: str) -> None:
@@ -159,7 +172,7 @@ class Epochs:
         improved = self.standing.add(entry, self.policy)
         if improved:
             with atomic_path(self.best_checkpoint) as tmp:
-                shutil.copyfile(self.checkpoint, tmp)
+                link_or_copy(self.checkpoint, tmp)
         self.tracker.log_metrics({k: v for k, v in entry.items() if k not in ("step", "phase")}, step=step)
         self.history.append(entry)
         self.tracker.log_json(self.history, HISTORY)

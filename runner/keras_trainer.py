@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from datasets import DataSplits, stopping  # noqa: E402
-from models.keras_backbones import build, freeze, frozen_layer_count  # noqa: E402
+from models.keras_backbones import build, check_weights, freeze, frozen_layer_count  # noqa: E402
 from runner.augment import augment  # noqa: E402
 from runner.class_weights import class_weights  # noqa: E402
 from runner.config import OPTIMIZERS, PRECISIONS, OptimizerConfig, RunConfig  # noqa: E402
@@ -67,6 +67,11 @@ def seed(value: int) -> None:
     """Seed Keras and TensorFlow, and make TensorFlow's ops deterministic (same seed, same results)."""
     keras.utils.set_random_seed(value)
     tf.config.experimental.enable_op_determinism()
+
+
+def check(run: RunConfig) -> None:
+    """Weights that cannot be had (offline ImageNet, a missing file) stop the run before it opens."""
+    check_weights(run.model.name, run.model.weights)
 
 
 @dataclass

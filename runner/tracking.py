@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import logging
 import os
@@ -106,9 +107,17 @@ class Tracker:
         return mlflow.artifacts.load_dict(f"{self.artifact_uri}/{name}")
 
     def log_figure(self, figure: Any, name: str) -> None:
-        # zlib level 1: PNGs a little larger, written several times faster (level 6 took ~0.15 s a plot)
+        """A matplotlib figure as a PNG of 256 colours: plots have few colours and image grids look
+        the same, at a fifth of the size of a full-colour PNG (photographs compress poorly)."""
+        from PIL import Image
+
+        rendered = io.BytesIO()
+        figure.savefig(rendered, format="png", pil_kwargs={"compress_level": 1})
+        rendered.seek(0)
+        with Image.open(rendered) as picture:
+            palette = picture.convert("RGB").quantize(256, method=Image.Quantize.FASTOCTREE)
         with self.writing_artifacts():
-            mlflow.log_figure(figure, name, save_kwargs={"pil_kwargs": {"compress_level": 1}})
+            mlflow.log_image(palette, artifact_file=name)
 
     def log_model(
         self,

@@ -50,6 +50,10 @@ class Trainer(Protocol):
         """Seed the framework's own random generators."""
         ...
 
+    def check(self, run: RunConfig) -> None:
+        """Find what would stop ``run`` before any MLflow run opens (e.g. weights that cannot be had); raise its error."""
+        ...
+
     def fit(self, run: RunConfig, data: DataSplits, tracker: Tracker, epochs: Epochs, resume_from: Path | None = None) -> TrainedModel:
         """Train on ``data.train`` (validating on ``data.val``), closing every epoch through ``epochs``.
 

@@ -219,10 +219,12 @@ def test_diverging_training_ends_failed_with_a_clear_error(make_cfg, client):
 
 
 @pytest.mark.slow
-def test_imagenet_weights_without_a_network_is_one_clear_message(cli, tmp_path, monkeypatch):
+def test_imagenet_weights_without_a_network_is_one_clear_message_before_any_run_opens(cli, client, tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))  # no cached weights,
     monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")  # and no way out: the download fails at once
     result = cli("model=vgg16")  # weights: imagenet, the default
     assert result.returncode == 2
     assert "model.weights=imagenet" in result.stderr and "could not be downloaded" in result.stderr
     assert "model.weights=null" in result.stderr and "Traceback" not in result.stderr
+    experiment = client.get_experiment_by_name("crack-classification")
+    assert experiment is None or client.search_runs([experiment.experiment_id]) == []  # no FAILED run left in the UI
