@@ -19,7 +19,7 @@ import numpy as np
 from filelock import FileLock
 
 from datasets.decoded import load_decoded, load_mapped, memory_budget
-from datasets.folder import decode_images, fingerprint, limit_per_class, scan
+from datasets.folder import ImageList, decode_images, fingerprint, limit_per_class, scan
 from datasets.integrity import digest_index
 from datasets.split import stratified_folds, stratified_split
 from datasets.errors import DataError
@@ -91,41 +91,28 @@ def split_order(labels: np.ndarray, files: np.ndarray, cfg, seed: int) -> tuple[
 
 
 def load(cfg, seed: int, progress: bool = True) -> DataSplits:
-    """Decode the configured data set at ``cfg.image_size`` and split it with ``seed``.
+    """Decode the configured data set at ``cfg.image_size`` and split it with ``seed``, in one pass.
 
-    The splits are consecutive slices of one uint8 array, in memory when the pixels fit in
-    ``dataset.in_memory_gb`` (default: half the machine's memory), else memory-mapped from the
-    decode cache. That cache is keyed by the files' contents (:func:`datasets.folder.fingerprint`)
+    Find the files, fingerprint them, then decode them (or read the decode cache) in split
+    order, so the splits are consecutive slices of one uint8 array: in memory when the pixels
+    fit in ``dataset.in_memory_gb`` (default: half the machine's memory), else memory-mapped
+    from the decode cache. That cache is keyed by the files' contents (:func:`datasets.folder.fingerprint`)
     and checked before use, so an edited image or a damaged cache is never trained on.
     """
     images = limit_per_class(scan(resolve_root(cfg)), cfg.limit, seed)
     log.info("data: %d images in %d classes %s under %s", len(images.paths), len(images.classes), images.classes, images.root)
     cache_dir = Path(cfg.cache_dir).expanduser()
     key = fingerprint(images, digest_index(cache_dir, images.root))
-    size = cfg.image_size
-    fits = len(images.paths) * size * size * 3 <= memory_budget(cfg.in_memory_gb)
-    pixels: np.ndarray
+    fits = len(images.paths) * cfg.image_size**2 * 3 <= memory_budget(cfg.in_memory_gb)
     if cfg.decode_cache and not fits:
         arrange = partial(split_order, images.labels, cfg=cfg, seed=seed)
-        pixels, order, bounds, skipped = load_mapped(images, size, cache_dir, key, cfg.decode_workers, progress, arrange)
+        pixels, order, bounds, skipped = load_mapped(images, cfg.image_size, cache_dir, key, cfg.decode_workers, progress, arrange)
         log.info("data: %.1f GB of pixels memory-mapped from %s (dataset.in_memory_gb)", pixels.nbytes / 2**30, pixels.filename)
     else:
         if not fits:
             log.warning("data: the pixels exceed dataset.in_memory_gb but dataset.decode_cache=false holds them in memory; "
                         "set dataset.decode_cache=true to memory-map them instead")
-        # Split first (assuming every file decodes) and decode in split order: the splits are then
-        # consecutive slices of one array, with no copy of the pixels.
-        order, bounds = split_order(images.labels, np.arange(len(images.paths)), cfg, seed)
-        if cfg.decode_cache:
-            pixels, ok, skipped = load_decoded(images, size, cache_dir, key, cfg.decode_workers, progress, order)
-        else:
-            pixels, ok, skipped = decode_images([images.paths[i] for i in order], size, cfg.decode_workers, progress)
-        if len(ok) < len(order):  # split the images that decoded (a copy of the pixels, in this rare case)
-            decoded = order[ok]
-            order, bounds = split_order(images.labels, np.sort(decoded), cfg, seed)
-            position = np.empty(len(images.paths), dtype=np.int64)
-            position[decoded] = np.arange(len(decoded))
-            pixels = pixels[position[order]]
+        pixels, order, bounds, skipped = _in_memory(images, cfg, seed, cache_dir, key, progress)
     if skipped:
         log.warning("skipped %d unreadable image(s) of %d", len(skipped), len(images.paths))
 
@@ -133,15 +120,30 @@ def load(cfg, seed: int, progress: bool = True) -> DataSplits:
         rows = slice(bounds[part], bounds[part + 1])
         return Split(pixels[rows], images.labels[order[rows]], [images.paths[i] for i in order[rows]])
 
-    return DataSplits(
-        classes=images.classes,
-        train=take(0),
-        val=take(1),
-        test=take(2),
-        fingerprint=key,
-        root=images.root,
-        skipped=skipped,
-    )
+    return DataSplits(images.classes, take(0), take(1), take(2), fingerprint=key, root=images.root, skipped=skipped)
+
+
+def _in_memory(
+    images: ImageList, cfg, seed: int, cache_dir: Path, key: str, progress: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """The pixels in split order in one array, from the decode cache or decoded now; (pixels, order, bounds, skipped).
+
+    Split first (assuming every file decodes) and decode in split order: the splits are then
+    consecutive slices of the array, with no copy of the pixels. Files that do not decode are
+    left out and the rest split again (a copy of the pixels, in this rare case).
+    """
+    order, bounds = split_order(images.labels, np.arange(len(images.paths)), cfg, seed)
+    if cfg.decode_cache:
+        pixels, ok, skipped = load_decoded(images, cfg.image_size, cache_dir, key, cfg.decode_workers, progress, order)
+    else:
+        pixels, ok, skipped = decode_images([images.paths[i] for i in order], cfg.image_size, cfg.decode_workers, progress)
+    if len(ok) < len(order):
+        decoded = order[ok]
+        order, bounds = split_order(images.labels, np.sort(decoded), cfg, seed)
+        position = np.empty(len(images.paths), dtype=np.int64)
+        position[decoded] = np.arange(len(decoded))
+        pixels = pixels[position[order]]
+    return pixels, order, bounds, skipped
 
 
 def folds(data: DataSplits, k: int, seed: int) -> Iterator[DataSplits]:
