@@ -19,7 +19,8 @@ import pytest
 from PIL import Image
 
 import datasets
-from conftest import ARTIFACTS, _free_port
+from conftest import ARTIFACTS
+from services import free_port
 from runner import compare, lineage, predict
 from runner.app import run
 from runner.config import to_run_config
@@ -98,7 +99,7 @@ def test_experiments_are_tagged_for_model_training_unless_a_kind_was_chosen(stor
 
 def serve(model_uri: str, tracking_uri: str, cwd: Path, timeout: float = 180) -> tuple[subprocess.Popen, str]:
     """``mlflow models serve -m MODEL_URI`` on a free loopback port; returns the process and its URL once it answers."""
-    port = _free_port()
+    port = free_port()
     log = open(cwd / "serve.log", "w")
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "-p", str(port), "--env-manager", "local"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_DISABLE_TELEMETRY": "true"}

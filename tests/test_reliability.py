@@ -22,7 +22,7 @@ from conftest import TINY
 
 pytestmark = pytest.mark.slow
 
-LONG = ["trainer.epochs=40"]  # long enough to be interrupted after the first checkpoints
+LONG = ["trainer.epochs=15"]  # long enough to be interrupted after the first checkpoints
 
 
 def runs_of(uri: str) -> list:
@@ -117,7 +117,10 @@ def assert_same_run_as_uninterrupted(uri: str, run_id: str, reference_uri: str) 
     (finished,) = runs_of(uri)
     (reference,) = runs_of(reference_uri)
     assert finished.info.run_id == run_id and finished.info.status == "FINISHED"
-    assert finished.data.metrics == reference.data.metrics
+    def results(metrics: dict[str, float]) -> dict[str, float]:
+        return {k: v for k, v in metrics.items() if not k.startswith("system/")}  # the machine's load, not the run's results
+
+    assert results(finished.data.metrics) == results(reference.data.metrics)
     for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
         history = [(m.step, m.value) for m in mlflow.MlflowClient(uri).get_metric_history(run_id, key)]
         expected = [(m.step, m.value) for m in mlflow.MlflowClient(reference_uri).get_metric_history(reference.info.run_id, key)]
@@ -141,20 +144,6 @@ def test_keras_run_interrupted_in_each_phase_resumes_to_the_uninterrupted_metric
 
     reference_store = f"sqlite:///{tmp_path / 'reference.db'}"
     run(make_cfg(*KERAS, f"tracking.uri={reference_store}", f"tracking.artifact_root={tmp_path / 'ref-artifacts'}"))
-    assert_same_run_as_uninterrupted(store["uri"], run_id, reference_store)
-
-
-def test_keras_run_through_the_frozen_layers_resumes_in_the_fine_tune_phase(store, data_cache, tmp_path, make_cfg, cli):
-    through = [*KERAS, "trainer.cache_frozen_features=false"]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"], "CRACK_RUNNER_DATA": str(data_cache)}
-    result = start_and_interrupt(env, _cmd(store, through), tmp_path, epoch_logged(Path(store["artifacts"]), "fine_tune"), signal.SIGTERM)
-    run_id, done = assert_killed(store["uri"], result)
-    assert done in (4, 5)
-    resumed = cli(*through, f"resume={run_id}")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-
-    reference_store = f"sqlite:///{tmp_path / 'reference.db'}"
-    run(make_cfg(*through, f"tracking.uri={reference_store}", f"tracking.artifact_root={tmp_path / 'ref-artifacts'}"))
     assert_same_run_as_uninterrupted(store["uri"], run_id, reference_store)
 
 

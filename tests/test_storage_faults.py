@@ -97,13 +97,16 @@ def test_store_that_fills_mid_run_is_closed_by_the_next_run(mount, cli, store, d
     subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=64k"], capture_output=True)  # until the disk is full
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 2 and "Traceback" not in err, err[-3000:]
-    assert "tracking" in err and "could not be marked FAILED" in err
+    assert "tracking" in err
     filler.unlink()
-    assert statuses(uri) == ["RUNNING"]  # its end could not be written
+    # Usually its end cannot be written either (the log says so) and the run stays RUNNING; at
+    # times SQLite's rolled-back journal frees the pages the FAILED mark needs.
+    unmarked = "could not be marked FAILED" in err
+    assert statuses(uri) == (["RUNNING"] if unmarked else ["FAILED"]), err[-3000:]
 
     result = cli(f"tracking.uri={uri}", "trainer.epochs=1")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(statuses(uri)) == ["FINISHED", "KILLED"]
+    assert sorted(statuses(uri)) == ["FINISHED", "KILLED" if unmarked else "FAILED"]  # the next run closed it
 
 
 @pytest.mark.parametrize("key", ["hydra.run.dir", "hydra.sweep.dir"])
