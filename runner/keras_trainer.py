@@ -276,14 +276,7 @@ def fit(run: RunConfig, data: DataSplits, tracker: Tracker, epochs: Epochs, resu
     )
     phases = plan(run, base)
     tracker.log_params({"device": "gpu" if tf.config.list_physical_devices("GPU") else "cpu", "base_layers": len(base.layers)})
-    cached = run.trainer.cache_frozen_features and not run.augment.enabled
-    if run.trainer.cache_frozen_features and not cached:
-        log.info("augment=%s: training goes through the frozen layers every epoch (trainer.cache_frozen_features is ignored: "
-                 "their stored output holds the images unchanged)", run.augment.name)
-        tracker.log_params({"frozen_features": "through the layers: augment is on"})
-    store = feature_store(cached, run.trainer.feature_cache_dir, run.trainer.feature_cache_gb, run.trainer.batch_size, run.trainer.progress)
-    changes = functools.partial(augment, cfg=run.augment) if run.augment.enabled else None
-    inputs = PhaseInputs(model, base, data, run.trainer.batch_size, run.seed, store, phases[-1].freeze_depth if len(phases) > 1 else None, changes)
+    inputs = phase_inputs(run, model, base, data, phases, tracker)
     weights = class_weights(data.train.labels, data.classes, run.trainer.class_weights, tracker)
     checkpoint = load_checkpoint(resume_from / CHECKPOINT) if resume_from else None
     epochs.rewind(checkpoint.epoch if checkpoint else 0, resume_from)
@@ -312,7 +305,21 @@ def fit(run: RunConfig, data: DataSplits, tracker: Tracker, epochs: Epochs, resu
             class_weight=None if weights is None else dict(enumerate(weights.tolist())),
         )
     epochs.finish(model.load_weights)  # the classifier's layers, which the trainable rest fitted on stored output shares
-    return KerasModel(model, run.trainer.batch_size, epochs.history, inputs.cut, store)
+    return KerasModel(model, run.trainer.batch_size, epochs.history, inputs.cut, inputs.store)
+
+
+def phase_inputs(run: RunConfig, model: keras.Model, base: keras.Model, data: DataSplits, phases: list[Phase], tracker: Tracker) -> PhaseInputs:
+    """What each phase fits on: the stored frozen-layer output (trainer.cache_frozen_features), or
+    the images through every layer, which augmentation needs (their stored output holds them unchanged)."""
+    cached = run.trainer.cache_frozen_features and not run.augment.enabled
+    if run.trainer.cache_frozen_features and not cached:
+        log.info("augment=%s: training goes through the frozen layers every epoch (trainer.cache_frozen_features is ignored: "
+                 "their stored output holds the images unchanged)", run.augment.name)
+        tracker.log_params({"frozen_features": "through the layers: augment is on"})
+    store = feature_store(cached, run.trainer.feature_cache_dir, run.trainer.feature_cache_gb, run.trainer.batch_size, run.trainer.progress)
+    changes = functools.partial(augment, cfg=run.augment) if run.augment.enabled else None
+    fine_tune_depth = phases[-1].freeze_depth if len(phases) > 1 else None
+    return PhaseInputs(model, base, data, run.trainer.batch_size, run.seed, store, fine_tune_depth, changes)
 
 
 def log_phase(tracker: Tracker, number: int, count: int, phase: Phase, model: keras.Model, base: keras.Model, cut: CutModel | None) -> None:
