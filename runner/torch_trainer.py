@@ -86,9 +86,9 @@ class TorchModel:
             example,
             predict,
             requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
-            # A tuple of tensors: what torch.export traces, and no JSON copy of it beside the model
-            # (MLflow writes none for tensors; for arrays, two files of megabytes of pixels).
-            input_example=(torch.from_numpy(example),),
+            # A tuple of one array: what torch.export traces, and no JSON copy of it beside the model
+            # (MLflow saves no tuple as an example; a bare array became two files of megabytes of pixels).
+            input_example=(example,),
         )
 
 

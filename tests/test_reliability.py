@@ -22,7 +22,7 @@ from conftest import TINY
 
 pytestmark = pytest.mark.slow
 
-LONG = ["trainer.epochs=15"]  # long enough to be interrupted after the first checkpoints
+LONG = ["trainer.epochs=40"]  # long enough to be interrupted after the first checkpoints
 
 
 def runs_of(uri: str) -> list:
