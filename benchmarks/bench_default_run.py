@@ -54,7 +54,7 @@ def python_seconds(env: dict[str, str]) -> float:
 def stage_profile(workdir: Path) -> tuple[dict[str, float], list[str]]:
     """One default run in this process, timed per stage (benchmarks/stages.py)."""
     os.chdir(workdir)
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # this checkout's runner, whatever is installed
     from stages import compose_cfg, timed_run
 
     from runner import app, torch_trainer

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import platform
+import re
 import subprocess
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -34,6 +35,30 @@ from runner.store import SWEEP_PARENT_ROLE, absolute_tracking_uri, process_tags
 log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextmanager
+def requirements_known(requirements: list[str]) -> Iterator[None]:
+    """Let MLflow check ``requirements`` (the running versions) without scanning every installed distribution.
+
+    Before it logs a model, MLflow checks its requirements against the environment, and to
+    map packages to modules it first reads the file list of every installed distribution
+    (seconds with TensorFlow, torch and Ray installed). The packages here are named as their
+    modules are, so the map is given for them alone; MLflow's own map (if it built one) is
+    left as it was afterwards.
+    """
+    from mlflow.utils import requirements_utils
+
+    saved = getattr(requirements_utils, "_MODULES_TO_PACKAGES", None)
+    if saved is not None or not hasattr(requirements_utils, "_MODULES_TO_PACKAGES"):
+        yield  # already built (or MLflow changed): nothing to save
+        return
+    names = [re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0] for requirement in requirements]
+    requirements_utils._MODULES_TO_PACKAGES = {name: [name] for name in names if name}
+    try:
+        yield
+    finally:
+        requirements_utils._MODULES_TO_PACKAGES = None
 
 
 class Tracker:
@@ -139,7 +164,7 @@ class Tracker:
 
         module = importlib.import_module(f"mlflow.{flavor}")
         signature = infer_signature(example, predict(example))
-        with self.writing_artifacts():
+        with self.writing_artifacts(), requirements_known(requirements):
             info = module.log_model(
                 model,
                 name="model",
