@@ -147,6 +147,25 @@ def test_keras_run_interrupted_in_each_phase_resumes_to_the_uninterrupted_metric
     assert_same_run_as_uninterrupted(store["uri"], run_id, reference_store)
 
 
+VGG = ["model=vgg16", "model.weights=null", "freeze_depth=15", "fine_tune_lr=0.001", "trainer.epochs=3", "trainer.fine_tune_epochs=3"]
+
+
+def test_keras_run_through_the_frozen_layers_resumes_in_the_fine_tune_phase(store, data_cache, tmp_path, make_cfg, cli):
+    """Without stored features (every epoch through the frozen layers), VGG16 for its short build: SIGTERM in the fine-tune phase."""
+    through = [*VGG, "trainer.cache_frozen_features=false"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"], "CRACK_RUNNER_DATA": str(data_cache)}
+    result = start_and_interrupt(env, _cmd(store, through), tmp_path, epoch_logged(Path(store["artifacts"]), "fine_tune"), signal.SIGTERM)
+    run_id, done = assert_killed(store["uri"], result)
+    assert done in (4, 5)
+    resumed = cli(*through, f"resume={run_id}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming after epoch {done} (fine_tune phase)" in resumed.stderr
+
+    reference_store = f"sqlite:///{tmp_path / 'reference.db'}"
+    run(make_cfg(*through, f"tracking.uri={reference_store}", f"tracking.artifact_root={tmp_path / 'ref-artifacts'}"))
+    assert_same_run_as_uninterrupted(store["uri"], run_id, reference_store)
+
+
 def test_resume_refuses_a_finished_run_or_another_config(make_cfg, client):
     run(make_cfg())
     (done,) = runs_of(mlflow.get_tracking_uri())
