@@ -69,7 +69,7 @@ def _cmd(store: dict, extra: list[str]) -> list[str]:
     return [sys.executable, "-m", "runner", *TINY, f"tracking.artifact_root={store['artifacts']}", *extra]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("sig", [signal.SIGINT], ids=["SIGINT"])  # SIGTERM: the Keras resume test (the same handler)
 def test_interrupted_run_is_killed_and_resumes_to_the_same_result(sig, store, data_cache, tmp_path, make_cfg, cli):
     env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"], "CRACK_RUNNER_DATA": str(data_cache)}
     result = start_and_interrupt(env, _cmd(store, LONG), tmp_path, checkpoint_logged(Path(store["artifacts"])), sig)
