@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 import mlflow
@@ -89,9 +90,7 @@ def test_interrupted_run_is_killed_and_resumes_to_the_same_result(sig, store, da
     assert sorted(set(steps)) == list(range(1, 41))
 
     # The same config run without interruption, in another store: exactly the same metrics.
-    reference_store = f"sqlite:///{tmp_path / 'reference.db'}"
-    run(make_cfg(*LONG, f"tracking.uri={reference_store}", f"tracking.artifact_root={tmp_path / 'ref-artifacts'}"))
-    (reference,) = runs_of(reference_store)
+    (reference,) = runs_of(uninterrupted(make_cfg, LONG, tmp_path))
     for key in ("test_accuracy", "test_loss", "test_roc_auc", "val_loss", "train_loss"):
         assert finished.data.metrics[key] == reference.data.metrics[key], key
 
@@ -110,6 +109,13 @@ def assert_killed(uri: str, result: subprocess.CompletedProcess) -> tuple[str, i
     steps = [m.step for m in mlflow.MlflowClient(uri).get_metric_history(killed.info.run_id, "val_loss")]
     assert sorted(steps) == list(range(1, len(steps) + 1))
     return killed.info.run_id, len(steps)
+
+
+def uninterrupted(make_cfg: Callable[..., Any], overrides: list[str], tmp_path: Path) -> str:
+    """Run ``overrides`` once, uninterrupted, in a store of its own: that store's URI."""
+    reference_store = f"sqlite:///{tmp_path / 'reference.db'}"
+    run(make_cfg(*overrides, f"tracking.uri={reference_store}", f"tracking.artifact_root={tmp_path / 'ref-artifacts'}"))
+    return reference_store
 
 
 def assert_same_run_as_uninterrupted(uri: str, run_id: str, reference_uri: str) -> None:
@@ -142,9 +148,7 @@ def test_keras_run_interrupted_in_each_phase_resumes_to_the_uninterrupted_metric
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming after epoch {done} (fine_tune phase)" in resumed.stderr
 
-    reference_store = f"sqlite:///{tmp_path / 'reference.db'}"
-    run(make_cfg(*KERAS, f"tracking.uri={reference_store}", f"tracking.artifact_root={tmp_path / 'ref-artifacts'}"))
-    assert_same_run_as_uninterrupted(store["uri"], run_id, reference_store)
+    assert_same_run_as_uninterrupted(store["uri"], run_id, uninterrupted(make_cfg, KERAS, tmp_path))
 
 
 VGG = ["model=vgg16", "model.weights=null", "freeze_depth=15", "fine_tune_lr=0.001", "trainer.epochs=3", "trainer.fine_tune_epochs=3"]
@@ -161,9 +165,7 @@ def test_keras_run_through_the_frozen_layers_resumes_in_the_fine_tune_phase(stor
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming after epoch {done} (fine_tune phase)" in resumed.stderr
 
-    reference_store = f"sqlite:///{tmp_path / 'reference.db'}"
-    run(make_cfg(*through, f"tracking.uri={reference_store}", f"tracking.artifact_root={tmp_path / 'ref-artifacts'}"))
-    assert_same_run_as_uninterrupted(store["uri"], run_id, reference_store)
+    assert_same_run_as_uninterrupted(store["uri"], run_id, uninterrupted(make_cfg, through, tmp_path))
 
 
 def test_resume_refuses_a_finished_run_or_another_config(make_cfg, client):
