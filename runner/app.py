@@ -21,7 +21,7 @@ from datasets import DataSplits, stopping
 from runner import lineage, summary
 from runner.config import RunConfig, may_differ_on_resume, to_run_config
 from runner.epochs import HISTORY, SELECTED, EpochPolicy, Epochs
-from runner.errors import USER_ERRORS, ConfigError, storage_error
+from runner.errors import USER_ERRORS, storage_error
 from runner.evaluate import evaluate_and_log
 from runner.job import JobContext, job_context, localise
 from runner.seeding import seed_everything
@@ -68,14 +68,6 @@ def _run(cfg: DictConfig) -> float:
     seed_everything(run_cfg.seed, trainer)
     data = datasets.load(run_cfg.dataset, run_cfg.seed, progress=run_cfg.trainer.progress)
     stopping.check()  # stopped while the data loaded: no run to open
-    if run_cfg.dataset.folds and run_cfg.resume:
-        if job.sweep_parent is None:
-            raise ConfigError(
-                f"resume: a cross-validation run (dataset.folds={run_cfg.dataset.folds}) cannot be continued; "
-                "run it anew (the same command without resume=...)."
-            )
-        log.info("sweep job %d cross-validates (dataset.folds=%d): its interrupted run is run anew", job.job_num, run_cfg.dataset.folds)
-        run_cfg.resume = None
     resume_from = prepare_resume(ran, run_cfg.resume, job.output_dir / "resume", may_differ) if run_cfg.resume else None
     spec = run_spec(run_cfg, job, experiment_id, trainer, data, key)
     if run_cfg.dataset.folds:

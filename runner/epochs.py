@@ -193,9 +193,13 @@ class Epochs:
         self.tracker.set_tags({"diverged": said})
         log.warning("training diverged: %s; the rate is probably too high: lower %s", said, lr_key)
 
+    @property
+    def stopped(self) -> bool:
+        """Whether early stopping ends the current phase after the epochs so far (trainer.early_stopping_patience of them without a gain)."""
+        return self.policy.patience is not None and self.standing.since_best >= self.policy.patience
+
     def _stop(self, step: int) -> bool:
-        patience = self.policy.patience
-        if patience is None or self.standing.since_best < patience:
+        if not self.stopped:
             return False
         self.tracker.log_metrics({"stopped_epoch": step}, step=step)
         log.info("early stopping at epoch %d: %d epoch(s) of this phase without a gain of %s over %.4g (epoch %d)",
@@ -229,7 +233,7 @@ class Epochs:
         """
         if all(h["phase"] != phase for h in self.history):
             return planned
-        if self.standing.phase != phase or (self.policy.patience is not None and self.standing.since_best >= self.policy.patience):
+        if self.standing.phase != phase or self.stopped:
             return 0
         return max(planned - self.standing.phase_epochs, 0)
 
@@ -247,4 +251,4 @@ class Epochs:
         if not source.exists():  # an interrupted run of a version that kept no best checkpoint
             return
         with atomic_path(self.best_checkpoint) as tmp:
-            shutil.copyfile(source, tmp)
+            link_or_copy(source, tmp)

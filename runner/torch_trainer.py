@@ -243,7 +243,7 @@ def fit(run: RunConfig, data: DataSplits, tracker: Tracker, epochs: Epochs, resu
     total = run.trainer.epochs
     weights = class_weights(data.train.labels, data.classes, run.trainer.class_weights, tracker)
     weights = None if weights is None else torch.from_numpy(weights).to(device)
-    for epoch in range(done + 1, total + 1):
+    for epoch in range(done + 1, done + epochs.left("train", total) + 1):  # none when early stopping had ended the run
         rate = epochs.begin("train", run.optimizer.lr, total)
         for group in optimizer.param_groups:
             group["lr"] = rate
