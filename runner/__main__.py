@@ -46,13 +46,13 @@ def cli() -> None:
     except KeyboardInterrupt:
         status = "KILLED"
         log.error("%s", _interrupted(_close_sweep_parents(status)))
-        gc.freeze()  # exit promptly: the interpreter's final collections over torch's and MLflow's objects take 1-2 s
         sys.exit(130)
     except SystemExit as stop:
         status = "FINISHED" if stop.code in (0, None) else "FAILED"
         raise
     finally:
         _close_sweep_parents(status)
+        gc.freeze()  # exit promptly: the interpreter's final collections over torch's and MLflow's objects take a second or more
 
 
 def _close_sweep_parents(status: str) -> list[str]:

@@ -12,9 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
-from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve  # noqa: E402
-
-from runner.metrics import positive_index  # noqa: E402
+from runner.metrics import average_precision, positive_index, precision_recall_curve, roc_auc, roc_curve  # noqa: E402
 
 PHASE_SHADES = ("#f2f2f2", "#fff4e0")
 
@@ -84,6 +82,9 @@ def confusion_matrix_figure(matrix: np.ndarray, classes: list[str]) -> Figure:
 
 
 CALIBRATION_BINS = 10
+# Images in the grids are drawn near their own size: each pixel as it is (matplotlib's default
+# smoothing filter costs about half a second a grid and softens the thin cracks they are about).
+PIXELS = "nearest"
 
 
 def _points(values: np.ndarray) -> list[float]:
@@ -137,9 +138,9 @@ def test_curves(labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> di
         else:
             fpr, tpr, _ = roc_curve(truth, score)
             precision, recall, _ = precision_recall_curve(truth, score)
-            entry["roc"] = {"fpr": _points(fpr), "tpr": _points(tpr), "auc": float(auc(fpr, tpr))}
+            entry["roc"] = {"fpr": _points(fpr), "tpr": _points(tpr), "auc": roc_auc(truth, score)}
             entry["pr"] = {"recall": _points(recall), "precision": _points(precision),
-                           "ap": float(average_precision_score(truth, score))}
+                           "ap": average_precision(truth, score)}
         out.append(entry)
     return {"basis": basis, "classes": out}
 
@@ -253,7 +254,7 @@ def misclassified_grid(
     for ax in axes.flat[len(shown):]:
         ax.axis("off")
     for ax, i in zip(axes.flat, shown):
-        ax.imshow(images[i])
+        ax.imshow(images[i], interpolation=PIXELS)
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_title(f"true: {classes[labels[i]]} / pred: {classes[preds[i]]} ({confidence[i]:.2f})", fontsize=9,
@@ -321,9 +322,9 @@ def linear_weights_figure(weights: np.ndarray, classes: list[str]) -> Figure:
     summed = weights.sum(axis=-1)
     summed_limit = float(np.abs(summed).max()) or 1.0
     for k, name in enumerate(classes):
-        axes[0, k].imshow(np.clip(0.5 + weights[k] / (2 * limit), 0, 1))
+        axes[0, k].imshow(np.clip(0.5 + weights[k] / (2 * limit), 0, 1), interpolation=PIXELS)
         axes[0, k].set_title(f"{name}: weights as RGB", fontsize=10)
-        image = axes[1, k].imshow(summed[k], cmap="RdBu_r", vmin=-summed_limit, vmax=summed_limit)
+        image = axes[1, k].imshow(summed[k], cmap="RdBu_r", vmin=-summed_limit, vmax=summed_limit, interpolation=PIXELS)
         axes[1, k].set_title(f"{name}: sum over channels", fontsize=10)
     for ax in axes.flat:
         ax.set_xticks([])
@@ -356,7 +357,7 @@ def gradcam_grid(
         for ax in row[len(shown):]:
             ax.axis("off")
         for ax, i in zip(row, shown):
-            ax.imshow(images[i])
+            ax.imshow(images[i], interpolation=PIXELS)
             ax.imshow(heatmaps[i], cmap="jet", alpha=0.45, vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])

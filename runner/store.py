@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import socket
 import sqlite3
@@ -87,6 +88,12 @@ def open_store(uri: str, experiment: str, artifact_root: str) -> str:
         exp_id = experiment_id(uri, experiment, artifact_root)
         artifacts = mlflow.MlflowClient(uri).get_experiment(exp_id).artifact_location
     except Exception as err:  # noqa: BLE001 - sqlalchemy/OS/MLflow errors all mean the same to the user
+        if "out-of-date database schema" in str(err):  # a store made by an older MLflow
+            found = re.search(r"\(found version [^)]*\)", str(err))
+            raise StorageError(
+                f"the tracking store {uri} was made by an older MLflow {found.group(0) if found else ''}. "
+                f"Keep a copy of it, then upgrade it: `mlflow db upgrade {uri}`."
+            ) from None
         raise ConfigError(
             f"tracking.uri={uri} cannot be used: {type(err).__name__}: {str(err)[:300]}. "
             "Check the URI, or use a local store: tracking.uri=sqlite:///mlflow.db"
@@ -202,11 +209,13 @@ def _create_sqlite(database: Path) -> None:
 
 
 def _damage(database: Path) -> str | None:
-    """What is wrong with an existing store's schema (leftover migration tables, an old version), or None."""
+    """What is wrong with an existing store's schema (leftover migration tables, no version), or None.
+
+    An old but whole schema is MLflow's own check when the store opens (its list of migrations
+    takes a noticeable part of a second to read, so it is read once, there).
+    """
     if not _made(database):
         return None
-    from mlflow.store.db.utils import _get_latest_schema_revision
-
     try:
         with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as db:
             tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
@@ -216,12 +225,9 @@ def _damage(database: Path) -> str | None:
     leftovers = sorted(t for t in tables if t.startswith("_alembic_tmp_"))
     if leftovers:
         return f"leftover tables {', '.join(leftovers)}"
-    if not tables:
-        return None
-    head = _get_latest_schema_revision()
-    if version is None or version[0] != head:
-        return f"schema version {version[0] if version else 'missing'}, expected {head}"
-    return None
+    if tables and version is None:
+        return "no schema version"
+    return None  # an older version than this MLflow's: MLflow's own check, when the store opens (open_store)
 
 
 def _process_start(pid: int) -> str | None:

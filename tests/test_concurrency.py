@@ -77,13 +77,20 @@ def test_sweeps_started_in_the_same_second_never_share_a_parent(store, data_cach
     assert len({j.data.tags["output_dir"] for j in jobs}) == 4
 
 
-def test_a_store_left_half_made_gets_the_fix_not_a_traceback(store, tmp_path, cli):
+@pytest.mark.parametrize(
+    "damage, named",
+    [
+        ("CREATE TABLE _alembic_tmp_runs (run_uuid VARCHAR(32))", "_alembic_tmp_runs"),  # a crash in a migration
+        ("UPDATE alembic_version SET version_num = '0a8213491aaa'", "older MLflow (found version 0a8213491aaa"),  # an old store
+    ],
+)
+def test_a_store_left_half_made_or_old_gets_the_fix_not_a_traceback(store, tmp_path, cli, damage, named):
     assert cli("trainer.epochs=1").returncode == 0
-    with sqlite3.connect(store["uri"].removeprefix("sqlite:///")) as db:  # what a crash in a migration leaves
-        db.execute("CREATE TABLE _alembic_tmp_runs (run_uuid VARCHAR(32))")
+    with sqlite3.connect(store["uri"].removeprefix("sqlite:///")) as db:
+        db.execute(damage)
     result = cli("trainer.epochs=1")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "_alembic_tmp_runs" in result.stderr and "mlflow db upgrade" in result.stderr
+    assert named in result.stderr and "mlflow db upgrade" in result.stderr
     assert "data:" not in result.stderr  # found when the store opened, before the data loaded
 
 
