@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import io
 import json
 import logging
 import os
 import platform
 import re
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -133,16 +133,20 @@ class Tracker:
 
     def log_figure(self, figure: Any, name: str) -> None:
         """A matplotlib figure as a PNG of 256 colours: plots have few colours and image grids look
-        the same, at a fifth of the size of a full-colour PNG (photographs compress poorly)."""
+        the same, at a fifth of the size of a full-colour PNG (photographs compress poorly).
+
+        Drawn straight into pixels and quantised, not written as a full-colour PNG and read back.
+        """
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
         from PIL import Image
 
-        rendered = io.BytesIO()
-        figure.savefig(rendered, format="png", pil_kwargs={"compress_level": 1})
-        rendered.seek(0)
-        with Image.open(rendered) as picture:
-            palette = picture.convert("RGB").quantize(256, method=Image.Quantize.FASTOCTREE)
-        with self.writing_artifacts():
-            mlflow.log_image(palette, artifact_file=name)
+        canvas = FigureCanvasAgg(figure)
+        canvas.draw()
+        picture = Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3]).quantize(256, method=Image.Quantize.FASTOCTREE)
+        with tempfile.TemporaryDirectory() as folder, self.writing_artifacts():
+            path = Path(folder, Path(name).name)
+            picture.save(path, format="png")
+            mlflow.log_artifact(str(path), str(Path(name).parent) if "/" in name else None)
 
     def log_model(
         self,
