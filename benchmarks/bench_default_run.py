@@ -2,6 +2,7 @@
 
     python benchmarks/bench_default_run.py                 # 5 timed runs after one that fills the caches
     python benchmarks/bench_default_run.py --repeats 3 --workdir /tmp/bench
+    python benchmarks/bench_default_run.py --compare /tmp/before --repeats 7   # against another checkout
 
 Prints the wall time of the whole command (median of the repeats), then a profile of one run:
 the imports the command makes (a separate process that imports only them), and, in-process,
@@ -57,10 +58,8 @@ def stage_profile(workdir: Path) -> tuple[dict[str, float], list[str]]:
     sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # this checkout's runner, whatever is installed
     from stages import compose_cfg, timed_run
 
+    import runner.__main__  # noqa: F401 - the command's process settings (garbage collection) and config schemas
     from runner import app, torch_trainer
-    from runner.config import register_schemas
-
-    register_schemas()
     stages = [
         (app, "open_store", "MLflow store: open, experiment"),
         (app.datasets, "load", "data: find, fingerprint, split, read the cache"),
@@ -72,15 +71,42 @@ def stage_profile(workdir: Path) -> tuple[dict[str, float], list[str]]:
     return timed_run(stages, app.run, compose_cfg(["trainer.progress=false"])), [label for _, _, label in stages]
 
 
+def environment(checkout: Path, workdir: Path) -> dict[str, str]:
+    """``python -m runner`` of ``checkout``, with its data cache and store in ``workdir``."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    return {**os.environ, "CRACK_RUNNER_DATA": str(workdir / "data"), "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}",
+            "PYTHONPATH": str(checkout)}
+
+
+def compare(other: Path, workdir: Path, rounds: int) -> None:
+    """This checkout against ``other`` (e.g. `git worktree add /tmp/before <commit>`), one run of each in turn.
+
+    The machine's speed can drift within minutes; taking turns exposes both to the same drift.
+    """
+    checkouts = {"this checkout": ROOT, f"{other}": other}
+    envs = {name: environment(tree, workdir / f"tree{i}") for i, (name, tree) in enumerate(checkouts.items())}
+    for name, env in envs.items():
+        print(f"{name}: first run (generates and caches the data): {command_seconds(Path(env['CRACK_RUNNER_DATA']).parent, env):.1f} s", flush=True)
+    times: dict[str, list[float]] = {name: [] for name in envs}
+    for _ in range(rounds):
+        for name, env in envs.items():
+            times[name].append(command_seconds(Path(env["CRACK_RUNNER_DATA"]).parent, env))
+    rows = [(name, f"{statistics.median(t):.2f}", f"{min(t):.2f}", f"{max(t):.2f}") for name, t in times.items()]
+    print(tabulate(rows, headers=(f"python -m runner, data cached, {rounds} runs each", "median s", "min", "max")))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workdir", type=Path, default=None, help="data cache and store here (default: a temp folder)")
+    parser.add_argument("--compare", type=Path, default=None, metavar="CHECKOUT",
+                        help="time this checkout against another, runs taking turns (no profile)")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-default-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "CRACK_RUNNER_DATA": str(workdir / "data"), "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}",
-           "PYTHONPATH": str(ROOT)}
+    if args.compare is not None:
+        compare(args.compare.resolve(), workdir, args.repeats)
+        return
+    env = environment(ROOT, workdir)
     print(f"first run (generates and caches the data): {command_seconds(workdir, env):.1f} s", flush=True)
     runs = [command_seconds(workdir, env) for _ in range(args.repeats)]
     print(f"python -m runner, data cached: median {statistics.median(runs):.2f} s of {args.repeats} "
