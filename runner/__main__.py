@@ -17,9 +17,9 @@ from runner.errors import USER_ERRORS
 
 log = logging.getLogger("runner")
 
-# Python's full garbage collections walk every object that importing torch and MLflow made
-# (a fifth of a second each here, nine in a default run); a tenth as many of them. The young
-# generations, where a run's own garbage is, are collected as often as ever.
+# Each of Python's full garbage collections walks every object that importing torch and MLflow
+# made, a noticeable pause; a tenth as many of them. The young generations, where a run's own
+# garbage is, are collected as often as ever.
 gc.set_threshold(700, 10, 100)
 
 register_schemas()

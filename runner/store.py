@@ -88,11 +88,12 @@ def open_store(uri: str, experiment: str, artifact_root: str) -> str:
         exp_id = experiment_id(uri, experiment, artifact_root)
         artifacts = mlflow.MlflowClient(uri).get_experiment(exp_id).artifact_location
     except Exception as err:  # noqa: BLE001 - sqlalchemy/OS/MLflow errors all mean the same to the user
-        if "out-of-date database schema" in str(err):  # a store made by an older MLflow
+        if "out-of-date database schema" in str(err):  # a store made by another MLflow version
             found = re.search(r"\(found version [^)]*\)", str(err))
             raise StorageError(
-                f"the tracking store {uri} was made by an older MLflow {found.group(0) if found else ''}. "
-                f"Keep a copy of it, then upgrade it: `mlflow db upgrade {uri}`."
+                f"the tracking store {uri} has another schema than this MLflow's {found.group(0) if found else ''}. "
+                f"Made by an older MLflow: keep a copy of it, then upgrade it: `mlflow db upgrade {uri}`; "
+                f"by a newer one: use that MLflow version (pip show mlflow)."
             ) from None
         raise ConfigError(
             f"tracking.uri={uri} cannot be used: {type(err).__name__}: {str(err)[:300]}. "

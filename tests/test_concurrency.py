@@ -81,7 +81,7 @@ def test_sweeps_started_in_the_same_second_never_share_a_parent(store, data_cach
     "damage, named",
     [
         ("CREATE TABLE _alembic_tmp_runs (run_uuid VARCHAR(32))", "_alembic_tmp_runs"),  # a crash in a migration
-        ("UPDATE alembic_version SET version_num = '0a8213491aaa'", "older MLflow (found version 0a8213491aaa"),  # an old store
+        ("UPDATE alembic_version SET version_num = '0a8213491aaa'", "another schema than this MLflow's (found version 0a8213491aaa"),  # an old store
     ],
 )
 def test_a_store_left_half_made_or_old_gets_the_fix_not_a_traceback(store, tmp_path, cli, damage, named):
