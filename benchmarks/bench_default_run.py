@@ -83,14 +83,14 @@ def compare(other: Path, workdir: Path, rounds: int) -> None:
 
     The machine's speed can drift within minutes; taking turns exposes both to the same drift.
     """
-    checkouts = {"this checkout": ROOT, f"{other}": other}
-    envs = {name: environment(tree, workdir / f"tree{i}") for i, (name, tree) in enumerate(checkouts.items())}
-    for name, env in envs.items():
-        print(f"{name}: first run (generates and caches the data): {command_seconds(Path(env['CRACK_RUNNER_DATA']).parent, env):.1f} s", flush=True)
-    times: dict[str, list[float]] = {name: [] for name in envs}
+    checkouts = {"this checkout": (ROOT, workdir / "tree0"), f"{other}": (other, workdir / "tree1")}
+    runs = {name: (folder, environment(tree, folder)) for name, (tree, folder) in checkouts.items()}
+    for name, (folder, env) in runs.items():
+        print(f"{name}: first run (generates and caches the data): {command_seconds(folder, env):.1f} s", flush=True)
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(rounds):
-        for name, env in envs.items():
-            times[name].append(command_seconds(Path(env["CRACK_RUNNER_DATA"]).parent, env))
+        for name, (folder, env) in runs.items():
+            times[name].append(command_seconds(folder, env))
     rows = [(name, f"{statistics.median(t):.2f}", f"{min(t):.2f}", f"{max(t):.2f}") for name, t in times.items()]
     print(tabulate(rows, headers=(f"python -m runner, data cached, {rounds} runs each", "median s", "min", "max")))
 

@@ -93,7 +93,12 @@ def roc_auc(truth: np.ndarray, score: np.ndarray) -> float:
     if truth.all() or not truth.any():
         return float("nan")
     fpr, tpr, _ = roc_curve(truth, score)
-    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1])) / 2)  # the trapezoids under the curve
+    return area_under(fpr, tpr)
+
+
+def area_under(x: np.ndarray, y: np.ndarray) -> float:
+    """The area under the curve through the points (x, y), x ascending: the sum of its trapezoids (ROC AUC of a ROC curve)."""
+    return float(np.sum(np.diff(x) * (y[1:] + y[:-1])) / 2)
 
 
 def precision_recall_curve(truth: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -105,7 +110,6 @@ def precision_recall_curve(truth: np.ndarray, score: np.ndarray) -> tuple[np.nda
     return np.r_[precision[::-1], 1.0], np.r_[recall[::-1], 0.0], thresholds[::-1]
 
 
-def average_precision(truth: np.ndarray, score: np.ndarray) -> float:
-    """The precisions at each threshold weighted by the recall it adds (no interpolation)."""
-    precision, recall, _ = precision_recall_curve(truth, score)
+def average_precision(precision: np.ndarray, recall: np.ndarray) -> float:
+    """Of a :func:`precision_recall_curve`: the precision at each threshold weighted by the recall it adds (no interpolation)."""
     return float(-np.sum(np.diff(recall) * precision[:-1]))

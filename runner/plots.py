@@ -12,7 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
-from runner.metrics import average_precision, positive_index, precision_recall_curve, roc_auc, roc_curve  # noqa: E402
+
+from runner.metrics import area_under, average_precision, positive_index, precision_recall_curve, roc_curve  # noqa: E402
 
 PHASE_SHADES = ("#f2f2f2", "#fff4e0")
 
@@ -138,9 +139,9 @@ def test_curves(labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> di
         else:
             fpr, tpr, _ = roc_curve(truth, score)
             precision, recall, _ = precision_recall_curve(truth, score)
-            entry["roc"] = {"fpr": _points(fpr), "tpr": _points(tpr), "auc": roc_auc(truth, score)}
+            entry["roc"] = {"fpr": _points(fpr), "tpr": _points(tpr), "auc": area_under(fpr, tpr)}
             entry["pr"] = {"recall": _points(recall), "precision": _points(precision),
-                           "ap": average_precision(truth, score)}
+                           "ap": average_precision(precision, recall)}
         out.append(entry)
     return {"basis": basis, "classes": out}
 

@@ -143,10 +143,10 @@ class Tracker:
         canvas = FigureCanvasAgg(figure)
         canvas.draw()
         picture = Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3]).quantize(256, method=Image.Quantize.FASTOCTREE)
-        with tempfile.TemporaryDirectory() as folder, self.writing_artifacts():
+        with tempfile.TemporaryDirectory() as folder:
             path = Path(folder, Path(name).name)
             picture.save(path, format="png")
-            mlflow.log_artifact(str(path), str(Path(name).parent) if "/" in name else None)
+            self.log_artifact(path, str(Path(name).parent) if "/" in name else None)
 
     def log_model(
         self,

@@ -58,9 +58,10 @@ def test_curves_are_scikit_learns(n, ties, seed):
     truth[:2] = [True, False]
     for ours, theirs in zip(metrics.roc_curve(truth, score), sk.roc_curve(truth, score)):
         np.testing.assert_allclose(ours, theirs)
-    for ours, theirs in zip(metrics.precision_recall_curve(truth, score), sk.precision_recall_curve(truth, score)):
+    curve = metrics.precision_recall_curve(truth, score)
+    for ours, theirs in zip(curve, sk.precision_recall_curve(truth, score)):
         np.testing.assert_allclose(ours, theirs)
-    assert metrics.average_precision(truth, score) == pytest.approx(sk.average_precision_score(truth, score), abs=1e-12)
+    assert metrics.average_precision(*curve[:2]) == pytest.approx(sk.average_precision_score(truth, score), abs=1e-12)
     assert metrics.roc_auc(truth, score) == pytest.approx(sk.roc_auc_score(truth, score), abs=1e-12)
 
 
