@@ -60,9 +60,7 @@ def resolve_root(cfg) -> Path:  # cfg: runner.config.DatasetConfig (kept untyped
     if cfg.name == "synthetic_cracks":
         from datasets import synthetic
 
-        root = Path(cfg.path).expanduser() if cfg.path else cache / (
-            f"synthetic_cracks-n{cfg.samples_per_class}-s{cfg.source_size}-seed{cfg.seed}"
-        )
+        root = cache / f"synthetic_cracks-n{cfg.samples_per_class}-s{cfg.source_size}-seed{cfg.seed}"  # never a folder of the user's
         root.parent.mkdir(parents=True, exist_ok=True)
         # Parallel sweep jobs generate it once; in a read-only cache_dir a complete set is used as it is.
         writable = os.access(root.parent, os.W_OK)

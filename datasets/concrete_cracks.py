@@ -13,7 +13,6 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
-import zipfile
 from pathlib import Path
 
 from filelock import FileLock
@@ -21,6 +20,7 @@ from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_ex
 from tqdm import tqdm
 
 from datasets import stopping
+from datasets.archive import extract_zip
 from datasets.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -114,19 +114,14 @@ def _verify(archive: Path, sha256: str) -> None:
 
 
 def _extract_once(archive: Path, target: Path) -> Path:
-    """Extract into a temporary sibling and rename it, so an interrupted extraction is never used."""
+    """Extract into a temporary sibling and rename it, so an interrupted or refused extraction is never used."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
         if not target.is_dir():
-            if not zipfile.is_zipfile(archive):
-                raise DataError(f"{archive} is not a zip archive. Delete it to download again, or fix dataset.path.")
             log.info("extracting %s -> %s", archive, target)
             tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
             try:
-                with zipfile.ZipFile(archive) as zf:
-                    for member in zf.infolist():  # one by one, so a stop request ends it between files
-                        stopping.check()
-                        zf.extract(member, tmp)
+                extract_zip(archive, tmp)  # checked first: an archive may come from anyone
                 tmp.replace(target)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -6,13 +6,15 @@ import hashlib
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+import psutil
+from PIL import Image, ImageMode, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from datasets.integrity import content_digests
@@ -87,7 +89,7 @@ def fingerprint(images: ImageList, index: Path | None = None) -> str:
     return digest.hexdigest()[:16]
 
 
-def decode_image(path: Path, size: int) -> np.ndarray | str:
+def decode_image(path: Path, size: int, budget: MemoryBudget | None = None) -> np.ndarray | str:
     """One RGB image at size x size as uint8, as an image viewer shows it, or the reason it could not be read.
 
     Training and ``runner.predict`` both decode through here, so a file looks the same to both.
@@ -95,18 +97,119 @@ def decode_image(path: Path, size: int) -> np.ndarray | str:
     become 8-bit RGB by :func:`_viewer_rgb`: transparency is composited over white, 16-bit,
     32-bit integer and float pixels are scaled to 0..255 rather than clipped (which turned
     16-bit PNGs white). A file over PIL's ``Image.MAX_IMAGE_PIXELS`` guard is refused with a
-    reason that says so; callers prefix the path.
+    reason that says so (PIL itself only warns below twice the guard, and decodes); callers
+    prefix the path. ``budget``: the pixels are decoded only once it grants what they take
+    (:func:`decode_bytes`, from the header that opening reads), so parallel decodes of huge
+    files stay within it.
     """
     try:
         with Image.open(path) as img:
+            _refuse_bomb(img)
             img.draft("RGB", (size, size))  # JPEG: the decoder downscales while loading, much faster
-            ImageOps.exif_transpose(img, in_place=True)  # loads (drafted) pixels, then turns them upright
-            rgb = _viewer_rgb(img)
-            if rgb.size != (size, size):
-                rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
-            return np.asarray(rgb, dtype=np.uint8)
+            with budget.hold(decode_bytes(img, size)) if budget is not None else nullcontext():
+                try:
+                    ImageOps.exif_transpose(img, in_place=True)  # loads (drafted) pixels, then turns them upright
+                    rgb = _viewer_rgb(img)
+                    if rgb.size != (size, size):
+                        rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
+                    return np.asarray(rgb, dtype=np.uint8)
+                finally:
+                    img.close()  # its pixels freed before the budget is given back
     except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as err:
         return f"{type(err).__name__}: {err}"
+
+
+def _refuse_bomb(img: Image.Image) -> None:
+    """Raise DecompressionBombError for a file over ``Image.MAX_IMAGE_PIXELS`` (PIL raises only over twice that)."""
+    pixels = img.width * img.height
+    if Image.MAX_IMAGE_PIXELS is not None and pixels > Image.MAX_IMAGE_PIXELS:
+        raise Image.DecompressionBombError(
+            f"{img.width} x {img.height} = {pixels} pixels, over PIL's limit of {Image.MAX_IMAGE_PIXELS} pixels "
+            "(Image.MAX_IMAGE_PIXELS) for a possible decompression bomb; downscale the file, or leave it out"
+        )
+
+
+_STORED_RGB = 4  # bytes per pixel of PIL's own storage of RGB, RGBA and every other multi-band mode
+
+
+def decode_bytes(img: Image.Image, size: int) -> int:
+    """What decoding ``img`` (opened, not loaded) holds at its peak: an estimate from its header.
+
+    Its pixels as stored, plus the conversion's: the 8-bit RGB copy; an RGBA copy too when it
+    has transparency; for 16-bit, 32-bit and float gray, :func:`_gray8`'s float64 arrays. An
+    EXIF turn's copy of the stored pixels never takes more than the conversion. Plus the image
+    at size x size. Measured here on 6000 x 6000 PNGs: 8.2 bytes per pixel for RGB (estimate 8),
+    12 for RGBA (12), 5.2 for L (5), 26 for 16-bit gray (26).
+    """
+    pixels = img.width * img.height
+    mode = ImageMode.getmode(img.mode)
+    stored = _STORED_RGB if len(mode.bands) > 1 else np.dtype(mode.typestr).itemsize  # 1-band: 1, 2 (I;16) or 4 (I, F)
+    if _wide_gray(img):
+        work = 3 * np.dtype(np.float64).itemsize
+    elif _has_alpha(img):
+        work = 2 * _STORED_RGB
+    else:
+        work = _STORED_RGB
+    return pixels * (stored + work) + size * size * (_STORED_RGB + 3)
+
+
+DECODE_MEMORY_SHARE = 0.25  # of the memory available when decoding starts, for the decoding threads together
+
+
+def decode_memory_budget() -> int:
+    """Bytes the decoding threads may hold at once: a share of the available memory, not a count of cores.
+
+    A 9,000 x 9,000 PNG of a few hundred KB holds over 600 MiB while it decodes; threads by the
+    core count, each on such a file, would take more memory than the machine has.
+    """
+    return int(psutil.virtual_memory().available * DECODE_MEMORY_SHARE)
+
+
+class BudgetClosed(Exception):
+    """A request to a :class:`MemoryBudget` after it was closed: the decode it was for is abandoned."""
+
+
+class MemoryBudget:
+    """Bytes that decoding threads hold at once, never more than ``limit`` together.
+
+    A request waits until it fits; one larger than the whole budget waits until nothing is
+    held, then runs alone. Requests are served in their order of arrival, so a large one is
+    not passed over forever by small ones that fit.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self._changed = threading.Condition()
+        self._issued = 0  # tickets given out
+        self._serving = 0  # the ticket whose turn it is
+        self._closed = False
+
+    def close(self) -> None:
+        """Refuse every request from now on, those waiting included (BudgetClosed): a stopped decode
+        does not wait for its threads' huge files one at a time."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
+    @contextmanager
+    def hold(self, nbytes: int) -> Iterator[None]:
+        with self._changed:
+            ticket = self._issued
+            self._issued += 1
+            while not self._closed and (ticket != self._serving or (self.held and self.held + nbytes > self.limit)):
+                self._changed.wait()
+            if self._closed:
+                raise BudgetClosed
+            self._serving += 1
+            self.held += nbytes
+            self._changed.notify_all()  # the next in line may fit too
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.held -= nbytes
+                self._changed.notify_all()
 
 
 _WHITE = (255, 255, 255)
@@ -120,14 +223,24 @@ def _viewer_rgb(img: Image.Image) -> Image.Image:
     show a transparent page. High-bit-depth gray becomes 8-bit by :func:`_gray8`. CMYK, 1-bit,
     palette and YCbCr go through PIL's own conversion.
     """
-    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+    if _wide_gray(img):
         img = Image.fromarray(_gray8(img), "L")
-    if "A" in img.mode or "a" in img.mode or "transparency" in img.info:
+    if _has_alpha(img):
         rgba = img.convert("RGBA")
         rgb = Image.new("RGB", rgba.size, _WHITE)
         rgb.paste(rgba, mask=rgba)  # out = pixel * alpha + white * (1 - alpha)
         return rgb
     return img.convert("RGB")
+
+
+def _wide_gray(img: Image.Image) -> bool:
+    """Gray pixels wider than 8 bits: 16-bit, 32-bit integer or float."""
+    return img.mode in ("I", "F") or img.mode.startswith("I;16")
+
+
+def _has_alpha(img: Image.Image) -> bool:
+    """An alpha band (RGBA, LA, PA, premultiplied) or a palette or gray/RGB ``transparency`` entry."""
+    return "A" in img.mode or "a" in img.mode or "transparency" in img.info
 
 
 def _gray8(img: Image.Image) -> np.ndarray:
@@ -164,11 +277,14 @@ def decode_into(
     ``out``: (len(paths), size, size, 3) uint8, in memory or a memory-mapped file; the row of
     a file that cannot be read is left as it was. ``sink(index, row)``, if given, is called in
     the decoding thread with each decoded row (the decode cache writes it to its file there).
-    Returns the indices of ``paths`` that decoded and one warning line per skipped file, each
-    naming it. A stop request (:mod:`runner.interrupt`) raises KeyboardInterrupt within a
+    The threads together hold no more than :func:`decode_memory_budget` bytes of pixels being
+    decoded (a file larger than that is decoded alone), whatever their number. Returns the
+    indices of ``paths`` that decoded and one warning line per skipped file, each naming it.
+    A stop request (:mod:`runner.interrupt`) raises KeyboardInterrupt within a
     second, once no thread writes to ``out`` or calls ``sink`` any more.
     """
     errors: dict[int, str] = {}
+    budget = MemoryBudget(decode_memory_budget())
     leaving = threading.Event()  # set when this call returns or raises: the chunks under way stop early
 
     def decode_chunk(start: int) -> int:
@@ -176,7 +292,7 @@ def decode_into(
         for i in range(start, stop):
             if leaving.is_set():
                 break
-            result = decode_image(paths[i], size)
+            result = decode_image(paths[i], size, budget)
             if isinstance(result, str):
                 errors[i] = result
                 continue
@@ -192,6 +308,7 @@ def decode_into(
                 bar.update(done)
     finally:
         leaving.set()
+        budget.close()  # a thread waiting for its share gives up at once
         # Pending chunks are dropped; those under way end after their current image. Waiting for them
         # matters: the caller may close the file that ``sink`` writes to as soon as this returns.
         pool.shutdown(wait=True, cancel_futures=True)

@@ -167,11 +167,11 @@ def write_failure(err: OSError, folder: Path, what: str, needed: int) -> str:
     """What went wrong writing ``what`` (``needed`` bytes) in ``folder``: on a full disk, the space needed and free."""
     if is_full(err):
         existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
-        return f"no space left in {folder} for {what}: it needs {_size(needed)}, {_size(shutil.disk_usage(existing).free)} free"
+        return f"no space left in {folder} for {what}: it needs {size_text(needed)}, {size_text(shutil.disk_usage(existing).free)} free"
     return f"could not write {what} in {folder} ({err.strerror or err})"
 
 
-def _size(count: int) -> str:
+def size_text(count: int) -> str:
     return f"{count / 2**30:.2f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
 
 

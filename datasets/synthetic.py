@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from datasets import stopping
+from datasets.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,10 @@ def generate(
         logger.info("Reusing synthetic data set at %s", root)
         return root
     if root.exists() and _marker_params(root) is None:
-        raise FileExistsError(f"{root} exists and is not a synthetic data set; not overwriting it")
+        raise DataError(
+            f"{root} exists and is not a synthetic data set made by this runner: generated images never go into it. "
+            "Move what it holds, or set dataset.cache_dir to another folder."
+        )
 
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".partial", dir=root.parent))

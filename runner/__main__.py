@@ -14,6 +14,7 @@ from runner import interrupt
 from runner.config import register_schemas
 from runner.console import missing_plugin, register_resolvers
 from runner.errors import USER_ERRORS
+from runner.keys import check_command_line
 
 log = logging.getLogger("runner")
 
@@ -41,7 +42,8 @@ def main(cfg: DictConfig) -> float:
 def cli() -> None:
     """Run ``main``; if a sweep dies, its MLflow parent run is closed as FAILED or KILLED, never left RUNNING."""
     interrupt.install()  # Ctrl-C and `kill` stop the run at the next safe point, marked KILLED
-    if (problem := missing_plugin(sys.argv[1:])) is not None:  # before Hydra, which only says "Could not find"
+    problem = missing_plugin(sys.argv[1:]) or check_command_line(sys.argv[1:])  # before Hydra, which says "Could not find" or "use +key"
+    if problem is not None:
         log.error("%s", problem)
         sys.exit(2)
     status = "FAILED"

@@ -24,10 +24,12 @@ from runner.epochs import HISTORY, SELECTED, EpochPolicy, Epochs
 from runner.errors import USER_ERRORS, storage_error
 from runner.evaluate import evaluate_and_log
 from runner.job import JobContext, job_context, localise
+from runner.keys import check_composed, check_ignored
+from runner.limits import check_limits
 from runner.seeding import seed_everything
 from runner.store import RAY_NODE_TAG, absolute_tracking_uri, open_store
 from runner.sweep import earlier_attempt, resume_target
-from runner.tracking import CONFIG_HASH_TAG, RunSpec, Tracker, config_hash, prepare_resume, start_run
+from runner.tracking import CONFIG_HASH_TAG, RunSpec, Tracker, config_hash, flatten, prepare_resume, start_run
 from runner.trainer import Trainer, trainer_for
 
 log = logging.getLogger(__name__)
@@ -51,7 +53,10 @@ def run(cfg: DictConfig) -> float:
 
 def _run(cfg: DictConfig) -> float:
     job = job_context()
+    check_composed(cfg)
     run_cfg = localise(to_run_config(cfg), job)
+    check_limits(flatten(OmegaConf.structured(run_cfg)), job.overrides)  # before a store or run opens: MLflow would cut or refuse them
+    check_ignored(run_cfg, job.overrides, sweep_job=job.sweep is not None)
     uri = absolute_tracking_uri(run_cfg.tracking.uri)
     experiment_id = open_store(uri, run_cfg.tracking.experiment, run_cfg.tracking.artifact_root)
     may_differ = may_differ_on_resume(run_cfg)
@@ -65,16 +70,16 @@ def _run(cfg: DictConfig) -> float:
     ran = OmegaConf.structured(run_cfg)  # what is logged and compared on resume: the config that runs
     trainer = trainer_for(run_cfg.model.framework)
     trainer.check(run_cfg)  # before the data loads and any run opens
+    resume_from = prepare_resume(ran, run_cfg.resume, job.output_dir / "resume", may_differ) if run_cfg.resume else None
     seed_everything(run_cfg.seed, trainer)
     data = datasets.load(run_cfg.dataset, run_cfg.seed, progress=run_cfg.trainer.progress)
     stopping.check()  # stopped while the data loaded: no run to open
-    resume_from = prepare_resume(ran, run_cfg.resume, job.output_dir / "resume", may_differ) if run_cfg.resume else None
     spec = run_spec(run_cfg, job, experiment_id, trainer, data, key)
     if run_cfg.dataset.folds:
         return cross_validate(ran, run_cfg, spec, job.output_dir, trainer, data)[run_cfg.objective]
     with start_run(ran, spec) as tracker:
         metrics = train_and_evaluate(run_cfg, data, tracker, trainer, job.output_dir, resume_from)
-    summary.report(metrics, tracker.run_id, run_cfg.tracking.experiment, run_cfg.tracking.uri, tracker.model_uri, experiment_id)
+    summary.report(metrics, tracker.run_id, run_cfg.tracking.experiment, run_cfg.tracking.uri, tracker.model_uri, experiment_id, tracker.notes)
     return metrics[run_cfg.objective]
 
 

@@ -29,9 +29,11 @@ from tabulate import tabulate
 from runner.config import MINIMISED
 from runner.epochs import SELECTED
 from runner.errors import USER_ERRORS, RunnerError
+from runner.redact import command_logging, redact
 from runner.registry import Champion, register_champion
 from runner.store import check_server
-from runner.tracking import SWEEP_PARENT_ROLE
+from runner.lease import SWEEP_PARENT_ROLE, split_overrides
+from runner.metrics import DEGENERATE_TAG
 
 log = logging.getLogger("runner.compare")
 
@@ -80,6 +82,9 @@ def table(runs: pd.DataFrame, metric: str, metrics: tuple[str, ...] = DEFAULT_ME
     folds = ["tags.cv_folds"] if "tags.cv_folds" in runs and runs["tags.cv_folds"].notna().any() else []
     out = runs[["run_id", "status", *varying, *folds, *metric_cols]].copy()
     out["run_id"] = out["run_id"].str[:8]
+    if f"tags.{DEGENERATE_TAG}" in runs:  # a model that predicts one class: its metrics are no ranking of skill
+        marks = runs[f"tags.{DEGENERATE_TAG}"]
+        out["status"] = [s if pd.isna(m) else f"{s} {DEGENERATE_TAG}={m}" for s, m in zip(out["status"], marks)]
     out = out.rename(columns=lambda c: c.split(".", 1)[1] if c.startswith(("params.", "metrics.", "tags.")) else c)
     out = out.rename(columns={"cv_folds": "folds"})
     return out.sort_values(metric, ascending=metric in MINIMISED, na_position="last").reset_index(drop=True)
@@ -96,6 +101,8 @@ def ranked(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
 def best_run(runs: pd.DataFrame, metric: str) -> pd.Series:
     """The finished run with the best ``metric``."""
     done = runs[(runs["status"] == "FINISHED") & runs[f"metrics.{metric}"].notna()]
+    if f"tags.{DEGENERATE_TAG}" in done and done[f"tags.{DEGENERATE_TAG}"].isna().any():  # a one-class model is never champion
+        done = done[done[f"tags.{DEGENERATE_TAG}"].isna()]
     if done.empty:
         raise RunnerError(f"no FINISHED run with the metric {metric!r} among the {len(runs)} selected: nothing to register. "
                           "Let a run finish, or select others with --sweep or --all.")
@@ -113,7 +120,7 @@ def register_best(runs: pd.DataFrame, metric: str, name: str, tracking_uri: str)
 
 def run_labels(runs: pd.DataFrame) -> dict[str, str]:
     """Per run id: its command-line overrides that not all the runs share (``optimizer.lr=0.01``; else its name), and its short id."""
-    given = {row["run_id"]: str(row.get("tags.overrides") or "").split() for _, row in runs.iterrows()}
+    given = {row["run_id"]: split_overrides(str(row.get("tags.overrides") or "")) for _, row in runs.iterrows()}
     names = dict(zip(runs["run_id"], runs.get("tags.mlflow.runName", runs["run_id"])))
     shared = set.intersection(*(set(overrides) for overrides in given.values())) if given else set()
     labels = {}
@@ -179,14 +186,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="register the best run's model (by --metric) as NAME in the model registry and point "
                              "the alias 'champion' at it: models:/NAME@champion")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    command_logging(logging.WARNING, "%(levelname)s %(name)s: %(message)s")
     try:
         runs, sweep = load_runs(args.tracking_uri, args.experiment, args.sweep, latest_sweep=not args.all)
         text = render(table(runs, args.metric), args.format)
         drawn = write_curves(runs, args.metric, args.curves, args.tracking_uri) if args.curves else 0
         champion = register_best(runs, args.metric, args.register, args.tracking_uri) if args.register else None
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {redact(str(err))}", file=sys.stderr)
         return 2
     header = f"{len(runs)} run(s) of {'sweep ' + sweep if sweep else 'experiment ' + args.experiment}, best {args.metric} first"
     notes = sys.stderr if args.format == "csv" else sys.stdout  # stdout stays machine-readable

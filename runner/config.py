@@ -149,6 +149,12 @@ class SyntheticCracksConfig(DatasetConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _require(
+            self.path is None, "dataset.path",
+            f"the synthetic_cracks set is generated (into dataset.cache_dir) and reads no folder, got {self.path!r}. "
+            f"To train on your images: dataset=image_folder dataset.path={self.path} "
+            "(or dataset=concrete_cracks dataset.path=... for the capstone's archive)",
+        )
         _int_range("dataset.samples_per_class", self.samples_per_class, 3, None, 500, why=" (a train/val/test split needs 3 per class)")
         _int_range("dataset.source_size", self.source_size, 16, MAX_IMAGE_SIZE, 227, " pixels", " (the size the generator draws at)")
         _seed("dataset.seed", self.seed, 0)

@@ -5,9 +5,11 @@ RUNNING and may leave half-written files, lock files and cache entries that no r
 again. A run opening the store closes the dead runs of its own host
 (:func:`runner.store.close_dead_runs`); this command finds, across all experiments and caches:
 
-- stale runs: RUNNING runs of this host whose process is gone and, with ``--other-hosts``,
-  RUNNING runs this host cannot check (another host's, or without process tags) that showed
-  no sign of life (start, epoch, a sweep job's epoch) for ``--older-than``;
+- stale runs: RUNNING runs whose lease has expired (runner.lease: no heartbeat for the lease's
+  length, or a free folder lock), on any host, and silent for ``--older-than`` when given; a
+  run whose lease is live is never touched. Runs of older runners (no lease): this host's
+  whose process is gone and, with ``--other-hosts``, those this host cannot check that showed
+  no sign of life (start, epoch, a sweep job's epoch) for ``--older-than`` (default 1 day);
 - partial files (``*.partial*``, ``.*.making`` stores) that no process has open or mapped and
   that were not written in the last PARTIAL_QUIET_S seconds (a write may be between steps);
 - lock files that no process holds (removed while holding them, which filelock's waiters expect);
@@ -23,7 +25,6 @@ no process is using.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import logging
 import os
 import re
@@ -40,16 +41,9 @@ from mlflow.entities import Run
 from datasets import integrity
 from datasets.decoded import FORMAT as DECODE_FORMAT
 from datasets.decoded import MARKER, SOURCES
-from runner.store import (
-    HOST_TAG,
-    PROCESS_TAG,
-    SWEEP_PARENT_ROLE,
-    absolute_tracking_uri,
-    close_run,
-    process_alive,
-    resume_command,
-    sqlite_file,
-)
+from runner.lease import HEARTBEAT_TAG, HOST_TAG, SWEEP_PARENT_ROLE, close_run, liveness, lock_held, resume_command
+from runner.redact import command_logging, redact
+from runner.store import absolute_tracking_uri, sqlite_file
 
 log = logging.getLogger("runner.doctor")
 
@@ -92,8 +86,8 @@ def size_text(count: int) -> str:
 
 
 def last_activity(client: mlflow.MlflowClient, run: Run) -> float:
-    """When ``run`` last showed life (seconds since the epoch): its start, its last epoch, or its sweep jobs'."""
-    times = [run.info.start_time / 1000]
+    """When ``run`` last showed life (seconds since the epoch): its start, heartbeat, last epoch, or its sweep jobs'."""
+    times = [run.info.start_time / 1000, float(run.data.tags.get(HEARTBEAT_TAG, 0))]
     times += [m.timestamp / 1000 for m in client.get_metric_history(run.info.run_id, "val_loss")[-1:]]
     if run.data.tags.get("sweep_role") == SWEEP_PARENT_ROLE:
         jobs = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
@@ -101,16 +95,20 @@ def last_activity(client: mlflow.MlflowClient, run: Run) -> float:
     return max(times)
 
 
-def stale_runs(client: mlflow.MlflowClient, other_hosts: bool, older_than: float) -> Iterator[tuple[Run, str]]:
-    """RUNNING runs whose process is gone (this host) or, with ``other_hosts``, silent for ``older_than`` seconds; and why."""
+LEGACY_OLDER_THAN_S = 86400  # runs without a lease on other hosts: silent this long before --other-hosts closes them
+
+
+def stale_runs(client: mlflow.MlflowClient, other_hosts: bool, older_than: float | None) -> Iterator[tuple[Run, str]]:
+    """RUNNING runs whose owner is gone (lease expired; older runs: process gone, or silent on other hosts), and why."""
     experiments = [e.experiment_id for e in client.search_experiments()]
     for run in client.search_runs(experiments, "attributes.status = 'RUNNING'", max_results=10_000) if experiments else []:
-        alive = process_alive(run.data.tags)
-        if alive is False:
-            yield run, f"was left RUNNING by process {run.data.tags[PROCESS_TAG]}, which is gone"
-        elif alive is None and other_hosts and (idle := time.time() - last_activity(client, run)) > older_than:
+        state = liveness(run)
+        idle = time.time() - last_activity(client, run)
+        if state.alive is False and (older_than is None or idle > older_than):
+            yield run, f"was left RUNNING: {state.why}"
+        elif state.alive is None and other_hosts and idle > (older_than or LEGACY_OLDER_THAN_S):
             host = run.data.tags.get(HOST_TAG, "an unknown host")
-            yield run, f"is RUNNING on {host} with no sign of life for {human(idle)} (--older-than {human(older_than)})"
+            yield run, f"is RUNNING on {host} with no sign of life for {human(idle)} (--older-than {human(older_than or LEGACY_OLDER_THAN_S)})"
 
 
 # ---- leftover files
@@ -176,19 +174,7 @@ def walk(roots: list[Path]) -> tuple[list[Path], list[Path]]:
 
 def lock_is_free(path: Path, remove: bool = False) -> bool:
     """Whether no process holds the lock file ``path``; ``remove``: delete it while holding it, if free."""
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        if remove:
-            path.unlink(missing_ok=True)
-        return True
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)  # releases the lock
+    return lock_held(path, remove_if_free=remove) is False
 
 
 def decode_cache_problem(folder: Path) -> str | None:
@@ -284,8 +270,8 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("CRACK_RUNNER_DATA", "data")), help="dataset.cache_dir (default: $CRACK_RUNNER_DATA or data)")
     parser.add_argument("--feature-cache-dir", type=Path, help="trainer.feature_cache_dir (default: <cache-dir>/features)")
     parser.add_argument("--outputs", type=Path, nargs="*", default=[Path("outputs"), Path("multirun")], help="Hydra's run and sweep folders (checkpoints being written)")
-    parser.add_argument("--other-hosts", action="store_true", help="also close RUNNING runs this host cannot check (other hosts') that are silent for --older-than")
-    parser.add_argument("--older-than", type=parse_age, default=parse_age("1d"), help="with --other-hosts: how long without a sign of life, e.g. 2h (default 1d)")
+    parser.add_argument("--other-hosts", action="store_true", help="also close RUNNING runs without a lease (older runners) that this host cannot check and that are silent for --older-than (default 1d)")
+    parser.add_argument("--older-than", type=parse_age, default=None, help="close only runs silent this long, e.g. 2h (default: as soon as the lease expired)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true", help="only report (the default)")
     mode.add_argument("--fix", action="store_true", help="close the stale runs (KILLED) and remove the leftovers")
@@ -295,7 +281,7 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Report what interrupted runs left, and with ``--fix`` clean it up; the report goes to stdout."""
     args = arguments(argv)
-    logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(message)s", stream=sys.stderr)
+    command_logging(logging.INFO, "[%(levelname)s] %(message)s")
     uri = absolute_tracking_uri(args.tracking_uri)
     database = sqlite_file(uri)
     act = "closed KILLED" if args.fix else "would close"
@@ -304,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no tracking store at {database}")
     else:
         client = mlflow.MlflowClient(uri)
-        print(f"stale runs in {uri}:")
+        print(f"stale runs in {redact(uri)}:")
         for run, why in stale_runs(client, args.other_hosts, args.older_than):
             stale += 1
             print(f"  {run.info.run_id}  {run.info.run_name}: {why}; {act}. Resume: {resume_command(run)}")

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from datasets import DataSplits
 from runner import plots
 from runner.explain import explanation_figures
-from runner.metrics import classification_metrics, confusion
+from runner.metrics import DEGENERATE_TAG, classification_metrics, confusion, degenerate
 from runner.tracking import Tracker
 from runner.trainer import TrainedModel
+
+log = logging.getLogger(__name__)
 
 CURVES = "curves.json"  # the points of the ROC, precision-recall and reliability plots (runner.compare --curves)
 
@@ -24,6 +28,10 @@ def evaluate_and_log(model: TrainedModel, data: DataSplits, tracker: Tracker, se
     labels = data.test.labels
     test = {f"test_{k}": v for k, v in classification_metrics(labels, probs, data.classes).items()}
     tracker.log_metrics(test)
+    if (note := degenerate(probs, data.classes)) is not None:
+        tracker.set_tags({DEGENERATE_TAG: "one_class"})
+        tracker.notes.append(note)
+        log.warning("%s", note)
     files = [path.relative_to(data.root).as_posix() for path in data.test.paths]
     curves = plots.test_curves(labels, probs, data.classes)
     tracker.log_json(curves, CURVES)

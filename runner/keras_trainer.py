@@ -50,6 +50,7 @@ from runner.precompute import PhaseInputs, feature_store  # noqa: E402
 from runner.precompute.tfdata import batch_rows, batches  # noqa: E402
 from runner.precompute.cut import CutModel  # noqa: E402
 from runner.precompute.store import FeatureStore  # noqa: E402
+from runner.safe_load import UnreadableCheckpoint  # noqa: E402
 from runner.tracking import Tracker  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -100,8 +101,10 @@ class KerasModel:
         """Log with mlflow.tensorflow, which saves the Keras model in its .keras format.
 
         Preprocessing and softmax are inside the model and it holds only built-in layers, so
-        ``mlflow.pyfunc.load_model`` loads it anywhere. (mlflow.keras.log_model fails on an
-        input example in MLflow 3.x: it writes the example before creating the model folder.)
+        ``mlflow.pyfunc.load_model`` loads it anywhere, without pickle: Keras reads the .keras
+        file in its safe mode, and with no custom objects MLflow cloudpickles none beside it.
+        (mlflow.keras.log_model fails on an input example in MLflow 3.x: it writes the example
+        before creating the model folder.)
         """
         return tracker.log_model(
             "tensorflow",
@@ -233,16 +236,23 @@ class Checkpoint:
                 variable.assign(saved)
 
 
-def load_checkpoint(path: Path) -> Checkpoint:
-    """Read a checkpoint written by :func:`save_checkpoint`."""
-    with zipfile.ZipFile(path) as archive:
-        if RESUME_STATE not in archive.namelist():
+def read_checkpoint(path: Path) -> Checkpoint:
+    """Read a checkpoint written by :func:`save_checkpoint`, in Keras' safe mode: a layer that would run pickled code is refused.
+
+    A resumed run's checkpoints come from its store, which others may write: one that is
+    truncated, damaged or not this runner's is an UnreadableCheckpoint naming it.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            state = json.loads(archive.read(RESUME_STATE)) if RESUME_STATE in archive.namelist() else None
+        if state is None:
             raise ConfigError(
                 f"resume: the checkpoint {path.name} was written by a runner that could not resume Keras runs; "
                 "start the run anew (the same command without resume=...)."
             )
-        state = json.loads(archive.read(RESUME_STATE))
-    return Checkpoint(keras.saving.load_model(path), int(state["epoch"]), state["phase"], state["rng"])
+        return Checkpoint(keras.saving.load_model(path, safe_mode=True), int(state["epoch"]), state["phase"], state["rng"])
+    except (zipfile.BadZipFile, OSError, ValueError, TypeError, KeyError) as err:
+        raise UnreadableCheckpoint(path, err) from None
 
 
 def set_threads(num_threads: int | None) -> None:
@@ -278,7 +288,7 @@ def fit(run: RunConfig, data: DataSplits, tracker: Tracker, epochs: Epochs, resu
     tracker.log_params({"device": "gpu" if tf.config.list_physical_devices("GPU") else "cpu", "base_layers": len(base.layers)})
     inputs = phase_inputs(run, model, base, data, phases, tracker)
     weights = class_weights(data.train.labels, data.classes, run.trainer.class_weights, tracker)
-    checkpoint = load_checkpoint(resume_from / CHECKPOINT) if resume_from else None
+    checkpoint = read_checkpoint(resume_from / CHECKPOINT) if resume_from else None
     epochs.rewind(checkpoint.epoch if checkpoint else 0, resume_from)
     for number, phase in enumerate(phases, start=1):
         left = epochs.left(phase.name, phase.epochs)

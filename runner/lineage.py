@@ -5,9 +5,17 @@ page's "Datasets used"), and which runs share data: a dataset is one entity per 
 keyed by name and digest, and the digest is the data's fingerprint (the ``dataset_fingerprint``
 tag: file names, labels and contents). Only metadata is logged, never pixels: the source
 (the folder, archive or URL the images came from) and a schema of what the trainers receive.
+
+MLflow registers a dataset by looking for it and inserting it when absent; two runs doing
+that at the same moment both insert, and the second fails on the table's unique key. The
+first run's row is then there: trying again links to it (:func:`log_data_inputs`).
 """
 
 from __future__ import annotations
+
+import logging
+import random
+import time
 
 import mlflow
 import numpy as np
@@ -18,6 +26,9 @@ from mlflow.types import Schema, TensorSpec
 
 from datasets import DataSplits, Split
 from runner.config import DatasetConfig
+from runner.redact import redact
+
+log = logging.getLogger(__name__)
 
 # MLflow's dataset context of each split (the ``mlflow.data.context`` input tag).
 CONTEXTS = {"train": "train", "val": "validation", "test": "test"}
@@ -32,7 +43,7 @@ def source_of(cfg: DatasetConfig, data: DataSplits) -> str:
 
 def split_dataset(cfg: DatasetConfig, data: DataSplits, split: str) -> MetaDataset:
     """One split as an MLflow dataset: name ``<dataset>-<split>``, digest the data's fingerprint, no pixels."""
-    source = source_of(cfg, data)
+    source = redact(source_of(cfg, data))  # a download URL's token is no metadata to keep
     images: Split = getattr(data, split)
     schema = Schema(
         [
@@ -48,13 +59,31 @@ def log_data_inputs(cfg: DatasetConfig, data: DataSplits, seed: int) -> None:
     """Log the three splits as inputs of the active run, each tagged with its context, size and split seed.
 
     Logging them again (a resumed run) links nothing twice: MLflow keeps one input per dataset and run.
+    A registration that lost a race with another run's (a unique-key error) is tried again.
     """
     names = list(CONTEXTS)
-    mlflow.log_inputs(
-        datasets=[split_dataset(cfg, data, name) for name in names],
-        contexts=[CONTEXTS[name] for name in names],
-        tags_list=[
-            {"images": str(len(getattr(data, name))), "classes": ",".join(data.classes), "split_seed": str(seed)}
-            for name in names
-        ],
-    )
+    for attempt in range(1, RACE_ATTEMPTS + 1):
+        try:
+            mlflow.log_inputs(
+                datasets=[split_dataset(cfg, data, name) for name in names],
+                contexts=[CONTEXTS[name] for name in names],
+                tags_list=[
+                    {"images": str(len(getattr(data, name))), "classes": ",".join(data.classes), "split_seed": str(seed)}
+                    for name in names
+                ],
+            )
+            return
+        except mlflow.exceptions.MlflowException as err:
+            if attempt == RACE_ATTEMPTS or not lost_a_race(err):
+                raise
+            log.debug("dataset registration raced another run's (%s); trying again", str(err).splitlines()[0][:200])
+            time.sleep(random.uniform(0.05, 0.3) * attempt)
+
+
+RACE_ATTEMPTS = 5
+UNIQUE_KEY_ERRORS = ("UNIQUE constraint failed", "duplicate key value", "IntegrityError", "Duplicate entry")  # sqlite, PostgreSQL, SQLAlchemy, MySQL
+
+
+def lost_a_race(err: Exception) -> bool:
+    """Whether a store refused a write because another process had just written the same key."""
+    return any(marker in str(err) for marker in UNIQUE_KEY_ERRORS)

@@ -113,3 +113,19 @@ def precision_recall_curve(truth: np.ndarray, score: np.ndarray) -> tuple[np.nda
 def average_precision(precision: np.ndarray, recall: np.ndarray) -> float:
     """Of a :func:`precision_recall_curve`: the precision at each threshold weighted by the recall it adds (no interpolation)."""
     return float(-np.sum(np.diff(recall) * precision[:-1]))
+
+
+DEGENERATE_TAG = "degenerate"  # one_class: the model predicts one class for every test image
+
+
+def degenerate(probs: np.ndarray, classes: list[str]) -> str | None:
+    """What is wrong with a model that predicts one class for every test image, with the likely causes; None if it does not."""
+    predicted = np.unique(probs.argmax(axis=1))
+    if len(classes) < 2 or len(predicted) != 1:
+        return None
+    return (
+        f"the model predicts {classes[int(predicted[0])]!r} for all {len(probs)} test images: it has learnt nothing that tells "
+        "the classes apart, and its precision, recall and F1 say so. Likely causes: too few epochs or images for a model "
+        "trained from random weights (model.weights=null), a learning rate too high or too low (optimizer.lr), or one class "
+        "dominating training (trainer.class_weights=balanced). The run is tagged degenerate=one_class."
+    )

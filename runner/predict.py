@@ -5,6 +5,9 @@ MODEL is a run id (its logged model) or any MLflow model URI (``runs:/<id>/model
 ``models:/<name>/<version>``, a local model folder). Both streams work alike: the logged
 model takes raw pixels and holds its own preprocessing, the input size comes from the
 model's signature and the files are decoded by ``datasets.folder``, as in training.
+
+A model that would unpickle, or import code from its folder, to load (one someone handed you)
+is refused unless ``--allow-pickle`` is passed (runner.safe_load); the runner's own need neither.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from tabulate import tabulate
 
 from datasets.folder import IMAGE_SUFFIXES, decode_image
 from runner.errors import USER_ERRORS, ConfigError, DataError
+from runner.redact import command_logging
+from runner.safe_load import PICKLE_VARIABLE, load_model
 
 log = logging.getLogger("runner.predict")
 
@@ -126,11 +131,12 @@ def decode(files: Sequence[Path], image_size: int) -> np.ndarray:
     return np.stack(decoded).astype(np.float32)
 
 
-def predict(logged: LoggedModel, files: Sequence[Path], batch_size: int = 64) -> list[Prediction]:
-    """The most probable class of each image file and its probability; a batch at a time, so any folder fits in memory."""
-    import mlflow
+def predict(logged: LoggedModel, files: Sequence[Path], batch_size: int = 64, allow_pickle: bool = False) -> list[Prediction]:
+    """The most probable class of each image file and its probability; a batch at a time, so any folder fits in memory.
 
-    model = mlflow.pyfunc.load_model(logged.uri)
+    ``allow_pickle``: load the model even if that unpickles (otherwise refused, see runner.safe_load).
+    """
+    model = load_model(logged.uri, allow_pickle)
     predictions: list[Prediction] = []
     for start in range(0, len(files), batch_size):
         batch = files[start : start + batch_size]
@@ -156,6 +162,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"MLflow store of the run (default: $MLFLOW_TRACKING_URI, else {DEFAULT_TRACKING_URI})",
     )
     parser.add_argument("--batch-size", type=int, default=64, help="images per model call (default: %(default)s)")
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help=f"load a model that unpickles or imports code from its folder, which runs whatever its author put there: "
+        f"only one you trust (as does {PICKLE_VARIABLE}=true); the runner's own models need neither",
+    )
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print a JSON list of {file, predicted, probability}")
     output.add_argument(
@@ -172,7 +184,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Print one line per image (or JSON); a user error is one message on stderr and exit status 2."""
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    command_logging(logging.WARNING, "%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         files = image_files(args.images)
@@ -181,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps({"inputs": decode(files, logged.image_size).tolist()}))
             return 0
         with contextlib.redirect_stdout(sys.stderr):  # stdout is the result: frameworks' progress bars go to stderr
-            predictions = predict(logged, files, args.batch_size)
+            predictions = predict(logged, files, args.batch_size, args.allow_pickle)
     except USER_ERRORS as err:
         log.error("%s", err)
         return 2

@@ -10,8 +10,8 @@ Three things go wrong with a store before a single metric is logged, and each is
   the data loads, with the folder and what it needs named; so is a server that refuses this
   client's credentials (MLflow's basic-auth app), with how to give them.
 - A run whose process died (SIGKILL, the out-of-memory killer, a power cut) stays RUNNING
-  forever. Every run records where it runs (:func:`process_tags`); opening the store marks
-  RUNNING runs of this host whose process is gone as KILLED and says how to resume them.
+  forever. Opening the store marks RUNNING runs whose lease has expired (runner.lease) as
+  KILLED and says how to resume them.
 """
 
 from __future__ import annotations
@@ -20,30 +20,26 @@ import logging
 import os
 import re
 import shutil
-import socket
 import sqlite3
-import time
 from pathlib import Path
 from urllib.parse import urlparse
 
 import mlflow
 import requests
 from filelock import FileLock, Timeout
-from mlflow.entities import Run
 from mlflow.utils.credentials import get_default_host_creds, read_mlflow_creds
 from mlflow.utils.rest_utils import http_request
 
 from runner.errors import ConfigError, StorageError
 from runner.files import absolute_path, check_writable
+from runner.lease import close_dead_runs
 
 log = logging.getLogger(__name__)
 
 NEW_STORE_MB = 2  # what MLflow's migrations of an empty sqlite store write, rounded up
 LOCK_TIMEOUT_S = 300  # creating a store takes seconds; a lock held longer means a hung process
-HOST_TAG, PROCESS_TAG, STARTED_TAG = "runner.host", "runner.pid", "runner.started"
 RAY_NODE_TAG = "runner.ray_node"  # set by jobs that Ray ran (runner.app.job_context)
 REFUSED = (401, 403)  # what an MLflow server with authentication answers a client it does not let in
-SWEEP_PARENT_ROLE = "sweep_parent"  # the sweep_role tag of a sweep's parent run
 
 
 def absolute_tracking_uri(uri: str) -> str:
@@ -229,66 +225,3 @@ def _damage(database: Path) -> str | None:
     if tables and version is None:
         return "no schema version"
     return None  # an older version than this MLflow's: MLflow's own check, when the store opens (open_store)
-
-
-def _process_start(pid: int) -> str | None:
-    """When process ``pid`` started (clock ticks since boot, with the boot's id), or None if it is gone.
-
-    A pid alone is reused by the system; the pair tells this process from a later one with its number.
-    """
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        if not Path("/proc/self/stat").exists():  # no /proc (macOS): the pid alone
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return None
-            except PermissionError:
-                pass
-            return "?"
-        return None
-    return f"{boot}:{stat.rsplit(')', 1)[1].split()[19]}"
-
-
-def process_tags() -> dict[str, str]:
-    """Where this process runs, recorded on every run so a run whose process died can be found."""
-    return {
-        HOST_TAG: socket.gethostname(),
-        PROCESS_TAG: f"{os.getpid()}@{_process_start(os.getpid())}",
-        STARTED_TAG: time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-
-
-def process_alive(tags: dict[str, str]) -> bool | None:
-    """Whether the process a run's tags name still runs: None when it ran on another host (cannot tell)."""
-    if tags.get(HOST_TAG) != socket.gethostname() or PROCESS_TAG not in tags:
-        return None
-    pid, _, start = tags[PROCESS_TAG].partition("@")
-    now = _process_start(int(pid))
-    return now is not None and (now == start or "?" in (now, start))
-
-
-def close_dead_runs(uri: str, exp_id: str) -> list[str]:
-    """Mark RUNNING runs of this host whose process is gone as KILLED; return their ids."""
-    client = mlflow.MlflowClient(uri)
-    closed = []
-    for run in client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
-        if process_alive(run.data.tags) is False:
-            close_run(client, run, f"was left RUNNING by process {run.data.tags[PROCESS_TAG]}, which is gone")
-            closed.append(run.info.run_id)
-    return closed
-
-
-def resume_command(run: Run) -> str:
-    """The command that continues ``run``: its overrides and ``resume=`` (with ``-m`` for a sweep's parent run)."""
-    sweep = ["-m"] if run.data.tags.get("sweep_role") == SWEEP_PARENT_ROLE else []
-    overrides = [o for o in run.data.tags.get("overrides", "").split() if not o.startswith("resume=")]
-    return " ".join(["python", "-m", "runner", *sweep, *overrides, f"resume={run.info.run_id}"])
-
-
-def close_run(client: mlflow.MlflowClient, run: Run, why: str) -> None:
-    """Mark ``run`` KILLED, with a log line saying ``why`` and the command that continues it."""
-    client.set_terminated(run.info.run_id, "KILLED")
-    log.warning("run %s (%s) %s: marked KILLED. Continue it with: %s", run.info.run_id, run.info.run_name, why, resume_command(run))

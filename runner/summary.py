@@ -24,7 +24,8 @@ def ui_link(tracking_uri: str, experiment_id: str) -> str:
 
 
 def report(
-    metrics: dict[str, float], run_id: str, experiment: str, tracking_uri: str, model_uri: str | None, experiment_id: str
+    metrics: dict[str, float], run_id: str, experiment: str, tracking_uri: str, model_uri: str | None, experiment_id: str,
+    notes: list[str] | None = None,
 ) -> str:
     """Log and return the summary block, with a link to the experiment's runs in the UI.
 
@@ -50,6 +51,7 @@ def report(
             f"MLflow run:  {run_id}  (experiment {experiment!r})",
             *where,
             f"MLflow UI:   {ui}",
+            *(f"WARNING:     {note}" for note in notes or []),
         ]
     )
     results.info("%s", text)

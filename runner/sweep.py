@@ -32,15 +32,17 @@ from runner import interrupt
 from runner.config import MINIMISED
 from runner.epochs import SELECTED
 from runner.errors import USER_ERRORS, ConfigError, RunnerError, storage_error
-from runner.store import HOST_TAG, PROCESS_TAG, absolute_tracking_uri, open_store, process_alive, process_tags
-from runner.tracking import CONFIG_HASH_TAG, SWEEP_PARENT_ROLE, git_commit
+from runner.lease import SWEEP_PARENT_ROLE, Lease, join_overrides, process_tags, refuse_if_alive
+from runner.redact import redact
+from runner.store import absolute_tracking_uri, open_store
+from runner.tracking import CONFIG_HASH_TAG, git_commit
 
 log = logging.getLogger(__name__)
 
 SWEEP_ID_KEY, SWEEP_PARENT_KEY = "RUNNER_SWEEP_ID", "RUNNER_SWEEP_PARENT"  # in hydra.job.env_set
 
-# Parent runs opened by this process and not yet closed (closed as FAILED/KILLED on a crash).
-_open_parents: dict[str, str] = {}
+# Parent runs opened by this process and not yet closed (closed as FAILED/KILLED on a crash), with their store and lease.
+_open_parents: dict[str, tuple[str, Lease]] = {}
 
 
 def claim_folder(base: Path) -> Path:
@@ -81,12 +83,14 @@ class MlflowSweepCallback(Callback):
         exp = open_store(uri, config.tracking.experiment, config.tracking.artifact_root)
         folder = claim_folder(Path(str(config.hydra.sweep.dir)))  # a resumed sweep's jobs write to new folders too
         client = mlflow.MlflowClient(uri)
+        lease = Lease(uri, folder)
         if config.get("resume"):
-            parent = reopen_parent(client, str(config.resume), " ".join(config.hydra.overrides.task))
+            parent = reopen_parent(client, str(config.resume), join_overrides(list(config.hydra.overrides.task)), lease)
             run_id, sweep = parent.info.run_id, parent.data.tags["sweep_id"]
         else:
-            run_id, sweep = self._create_parent(client, exp, config, str(folder)), str(folder)
-        _open_parents[run_id] = uri
+            run_id, sweep = self._create_parent(client, exp, config, str(folder), lease), str(folder)
+        lease.hold(run_id)
+        _open_parents[run_id] = (uri, lease)
         interrupt.close_at_exit(close_open_parents)
         self.parent = run_id
         # Every job's config is composed again from hydra.overrides.hydra: what is added there reaches them all.
@@ -101,7 +105,7 @@ class MlflowSweepCallback(Callback):
         log.info("sweep %s: MLflow parent run %s%s", sweep, run_id, f" (continued; jobs write to {folder})" if config.get("resume") else "")
 
     @staticmethod
-    def _create_parent(client: mlflow.MlflowClient, exp: str, config: DictConfig, sweep: str) -> str:
+    def _create_parent(client: mlflow.MlflowClient, exp: str, config: DictConfig, sweep: str, lease: Lease) -> str:
         """A new parent run for the sweep ``sweep`` (its folder); its id."""
         folder = Path(sweep)
         run = client.create_run(
@@ -111,14 +115,15 @@ class MlflowSweepCallback(Callback):
                 "sweep_id": sweep,
                 "sweep_role": SWEEP_PARENT_ROLE,
                 "git_commit": git_commit(),
-                "overrides": " ".join(config.hydra.overrides.task),
+                "overrides": redact(join_overrides(list(config.hydra.overrides.task))),
                 "launcher": str(config.hydra.launcher._target_).rsplit(".", 1)[-1],
                 "sweeper": str(config.hydra.sweeper._target_).rsplit(".", 1)[-1],
                 **process_tags(),
+                **lease.tags(),
             },
         )
         for key, value in {str(k): str(v) for k, v in (config.hydra.sweeper.get("params") or {}).items()}.items():
-            client.log_param(run.info.run_id, f"sweep.{key}", value)
+            client.log_param(run.info.run_id, f"sweep.{key}", redact(value))
         return run.info.run_id
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -139,9 +144,12 @@ class MlflowSweepCallback(Callback):
 
 
 def close_parent(run_id: str, status: str) -> None:
-    uri = _open_parents.pop(run_id, None)
-    if uri is not None:
-        mlflow.MlflowClient(uri).set_terminated(run_id, status)
+    opened = _open_parents.pop(run_id, None)
+    if opened is not None:
+        uri, lease = opened
+        lease.release()
+        if lease.lost is None:  # else another process owns the record now
+            mlflow.MlflowClient(uri).set_terminated(run_id, status)
 
 
 def close_open_parents(status: str) -> list[str]:
@@ -152,7 +160,7 @@ def close_open_parents(status: str) -> list[str]:
     return parents
 
 
-def reopen_parent(client: mlflow.MlflowClient, run_id: str, overrides: str) -> Run:
+def reopen_parent(client: mlflow.MlflowClient, run_id: str, overrides: str, lease: Lease) -> Run:
     """The parent run of the sweep that ``resume=<run_id>`` with ``-m`` continues, marked RUNNING in this process again."""
     try:
         parent = client.get_run(run_id)
@@ -163,25 +171,11 @@ def reopen_parent(client: mlflow.MlflowClient, run_id: str, overrides: str) -> R
             f"resume={run_id}: that run is not a sweep's parent run. With -m, resume= takes the parent run id the "
             "interrupted sweep printed; to continue a single run, drop -m."
         )
-    check_not_running(parent, f"resume={run_id}: the sweep")
+    refuse_if_alive(parent, f"resume={run_id}: the sweep")
     client.update_run(run_id, status="RUNNING")
-    for key, value in {**process_tags(), "resumed_with": overrides}.items():
+    for key, value in {**process_tags(), **lease.tags(), "resumed_with": redact(overrides)}.items():
         client.set_tag(run_id, key, value)
     return parent
-
-
-def check_not_running(run: Run, what: str) -> None:
-    """Refuse to continue a run that is still RUNNING: its process is alive, or ran on another host (cannot tell)."""
-    alive = process_alive(run.data.tags)
-    if run.info.status != "RUNNING" or alive is False:
-        return
-    where = f"process {run.data.tags.get(PROCESS_TAG, '?')} on {run.data.tags.get(HOST_TAG, '?')}"
-    if alive:
-        raise ConfigError(f"{what} is still running ({where}, run {run.info.run_id}): let it end or stop it first.")
-    raise ConfigError(
-        f"{what} is marked RUNNING by {where} (run {run.info.run_id}), which this host cannot check. If that process is gone, "
-        "close its runs with: python -m runner.doctor --other-hosts --fix"
-    )
 
 
 def earlier_attempt(uri: str, parent: str, config_hash: str) -> Run | None:
@@ -203,7 +197,7 @@ def resume_target(uri: str, earlier: Run | None) -> str | None:
     """
     if earlier is None:
         return None
-    check_not_running(earlier, f"this job's earlier run (sweep job {earlier.data.tags.get('sweep_job', '?')})")
+    refuse_if_alive(earlier, f"this job's earlier run (sweep job {earlier.data.tags.get('sweep_job', '?')})")
     if earlier.info.status not in ("KILLED", "RUNNING"):  # RUNNING here: its process is gone
         return None
     return earlier.info.run_id if mlflow.MlflowClient(uri).list_artifacts(earlier.info.run_id, "checkpoints") else None

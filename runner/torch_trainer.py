@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +22,13 @@ from runner.augment import augment
 from runner.class_weights import class_weights
 from runner.config import OPTIMIZERS, PRECISIONS, AugmentConfig, OptimizerConfig, RunConfig
 from runner.epochs import Epochs
+from runner.safe_load import UnreadableCheckpoint
 from runner.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "last.pt"
+CHECKPOINT_KEYS = frozenset({"epoch", "model", "optimizer", "shuffle_rng", "torch_rng"})  # what save_checkpoint writes
 
 
 def versions() -> dict[str, str]:
@@ -69,8 +72,9 @@ class TorchModel:
     def log_model(self, tracker: Tracker, example: np.ndarray) -> str:
         """Log with mlflow.pytorch: the module plus a softmax, so pyfunc predicts class probabilities.
 
-        MLflow exports it as a torch.export program (pt2), so loading needs no project code;
-        the export traces the model on the input example, which MLflow then need not validate.
+        Saved as a torch.export program (pt2), so loading needs no project code and no pickle
+        (MLflow's default pickles it when the store is Databricks'); the export traces the model
+        on the input example, which MLflow then need not validate.
         It computes in float32 whatever ``trainer.precision`` the run trained in.
         """
         probabilities = nn.Sequential(self.module, nn.Softmax(dim=1)).cpu().eval()
@@ -89,6 +93,7 @@ class TorchModel:
             # A tuple of one array: what torch.export traces, and no JSON copy of it beside the model
             # (MLflow saves no tuple as an example; a bare array became two files of megabytes of pixels).
             input_example=(example,),
+            serialization_format="pt2",
         )
 
 
@@ -210,11 +215,38 @@ def save_checkpoint(
     path.write_bytes(buffer.getbuffer())
 
 
+def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """A checkpoint written by :func:`save_checkpoint`, read with ``weights_only=True``: tensors and plain values, never code.
+
+    A resumed run's checkpoints come from its store, which others may write: one that is
+    truncated, damaged or pickles objects is an UnreadableCheckpoint naming it.
+    """
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UnreadableCheckpoint(path, weights_only_refusal(err)) from None
+    except (EOFError, RuntimeError, OSError, ValueError) as err:
+        raise UnreadableCheckpoint(path, err) from None
+    if not isinstance(state, dict) or not CHECKPOINT_KEYS <= state.keys():
+        raise UnreadableCheckpoint(path, f"it does not hold {', '.join(sorted(CHECKPOINT_KEYS))}")
+    return state
+
+
+TORCH_ADVICE = ("Weights only load failed", "Please file an issue", "Check the documentation", "(1)", "(2)")
+
+
+def weights_only_refusal(err: pickle.UnpicklingError) -> str:
+    """What torch's weights-only unpickler refused, without its advice to load the file unsafely or allow its globals."""
+    lines = [line.split("WeightsUnpickler error:")[-1].strip() for line in str(err).splitlines()]
+    said = next((line for line in lines if line and not line.startswith(TORCH_ADVICE)), "more than tensors and plain values")
+    return f"torch.load(weights_only=True) refused it: {said.split('. Please')[0].rstrip('.')}"
+
+
 def load_checkpoint(
     path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, shuffle: torch.Generator
 ) -> int:
     """Restore a checkpoint written by :func:`save_checkpoint`; returns the epoch it ended."""
-    state = torch.load(path, map_location="cpu")
+    state = read_checkpoint(path)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     shuffle.set_state(state["shuffle_rng"])
@@ -255,5 +287,5 @@ def fit(run: RunConfig, data: DataSplits, tracker: Tracker, epochs: Epochs, resu
             lambda path: save_checkpoint(path, model, optimizer, shuffle, epoch),
         ):
             break
-    epochs.finish(lambda path: model.load_state_dict(torch.load(path, map_location=device)["model"]))
+    epochs.finish(lambda path: model.load_state_dict(read_checkpoint(path, device)["model"]))
     return TorchModel(model, device, run.trainer.batch_size, dtype, epochs.history)

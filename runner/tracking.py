@@ -30,7 +30,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from runner import interrupt, system_metrics
 from runner.errors import ConfigError, StorageError
-from runner.store import SWEEP_PARENT_ROLE, absolute_tracking_uri, process_tags
+from runner.lease import SWEEP_PARENT_ROLE, Lease, join_overrides, process_tags, refuse_if_alive
+from runner.redact import redact, redact_all
+from runner.store import absolute_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,7 @@ class Tracker:
         self.logged_params = dict(logged_params or {})  # a resumed run's params: MLflow refuses to change them
         self.model_uri: str | None = None
         self.model_metadata: dict[str, Any] = {}  # saved in the MLmodel file, e.g. class names
+        self.notes: list[str] = []  # what the end-of-run summary must say besides the metrics (e.g. a degenerate model)
 
     @contextmanager
     def writing_artifacts(self) -> Iterator[None]:
@@ -85,8 +88,9 @@ class Tracker:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        """Log params; in a resumed run, one that now has another value (e.g. its device) goes to a ``resumed.<key>`` tag."""
-        changed = {f"resumed.{k}": v for k, v in params.items() if k in self.logged_params and str(v) != self.logged_params[k]}
+        """Log params, credentials redacted; in a resumed run, one that now has another value (e.g. its device) goes to a ``resumed.<key>`` tag."""
+        params = {k: redact(str(v)) for k, v in params.items()}
+        changed = {f"resumed.{k}": v for k, v in params.items() if k in self.logged_params and v != self.logged_params[k]}
         new = {k: v for k, v in params.items() if k not in self.logged_params}
         if new:
             mlflow.log_params(new)
@@ -94,7 +98,7 @@ class Tracker:
             self.set_tags(changed)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        mlflow.set_tags({k: redact(str(v)) for k, v in tags.items()})
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Log the file ``path``; in a local artifact store on the same disk, as a hard link, not a second copy.
@@ -230,13 +234,12 @@ def prepare_resume(cfg: DictConfig, run_id: str, into: Path, may_differ: set[str
         raise ConfigError(f"resume={run_id}: that is a sweep's parent run; continue the sweep with -m and its overrides.")
     if previous.info.status == "FINISHED":
         raise ConfigError(f"resume={run_id}: that run already FINISHED; there is nothing to continue.")
+    refuse_if_alive(previous, f"resume={run_id}: that run")  # never two processes training into one record
     logged = previous.data.params
-    differing = sorted(
-        key for key, value in flatten(cfg).items()
-        if key not in may_differ and key in logged and str(value) != logged[key]
-    )
+    now = {key: redact(str(value)) for key, value in flatten(cfg).items()}  # as they were logged
+    differing = sorted(key for key, value in now.items() if key not in may_differ and key in logged and value != logged[key])
     if differing:
-        changes = ", ".join(f"{k}={logged[k]} (now {flatten(cfg)[k]})" for k in differing)
+        changes = ", ".join(f"{k}={logged[k]} (now {now[k]})" for k in differing)
         raise ConfigError(
             f"resume={run_id}: the configuration differs from the interrupted run's: {changes}. "
             "Resume with the same overrides as the original command."
@@ -245,6 +248,9 @@ def prepare_resume(cfg: DictConfig, run_id: str, into: Path, may_differ: set[str
         local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoints", dst_path=str(into), tracking_uri=uri)
     except (mlflow.exceptions.MlflowException, OSError):
         raise ConfigError(f"resume={run_id}: the run has no checkpoint yet (it stopped before its first epoch ended); start it anew.") from None
+    from runner.safe_load import check_resume
+
+    check_resume(Path(local), run_id, cfg.model.framework)  # a bad checkpoint stops us before the run reopens: it stays KILLED
     return Path(local)
 
 
@@ -270,20 +276,25 @@ def start_run(cfg: DictConfig, spec: RunSpec) -> Iterator[Tracker]:
     Whatever was logged before an error stays in the run: the status tells how it ended.
     """
     commit = git_commit()
-    tags = {"git_commit": commit, "mlflow.source.git.commit": commit, "overrides": " ".join(spec.overrides), **spec.tags}
+    tags = {"git_commit": commit, "mlflow.source.git.commit": commit, "overrides": join_overrides(spec.overrides), **spec.tags}
     if spec.sweep is not None:
         tags["sweep_id"] = spec.sweep
     if spec.sweep_parent is not None:
         tags["mlflow.parentRunId"] = spec.sweep_parent
     # System metrics: the runner's monitor (runner.system_metrics), never a second one from MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.
+    folder = Path(spec.tags["output_dir"]) if "output_dir" in spec.tags else None
     if spec.resume is None:
+        lease = Lease(mlflow.get_tracking_uri(), folder)
         active = mlflow.start_run(
-            experiment_id=spec.experiment_id, run_name=spec.name[:250], tags={k: str(v) for k, v in {**tags, **process_tags()}.items()},
+            experiment_id=spec.experiment_id, run_name=redact(spec.name)[:250], tags={k: redact(str(v)) for k, v in {**tags, **process_tags(), **lease.tags()}.items()},
             nested=mlflow.active_run() is not None, log_system_metrics=False,  # nested: a cross-validation fold inside its parent run
         )
     else:
+        refuse_if_alive(mlflow.MlflowClient().get_run(spec.resume), f"resume={spec.resume}: that run")
+        lease = Lease(mlflow.get_tracking_uri(), folder)
         active = mlflow.start_run(run_id=spec.resume, log_system_metrics=False)
-        mlflow.set_tags(process_tags())  # the run now lives in this process
+        mlflow.set_tags({**process_tags(), **lease.tags()})  # the run now lives in this process
+    lease.hold(active.info.run_id)
     tracker = Tracker(active.info.run_id, active.info.artifact_uri, active.data.params if spec.resume else None)
     interrupt.opened_run(tracker.run_id)  # so a stop's message can say which run it ended
     monitor = None
@@ -293,10 +304,10 @@ def start_run(cfg: DictConfig, spec: RunSpec) -> Iterator[Tracker]:
     try:
         if spec.resume is None:
             tracker.log_params({**flatten(cfg), **spec.params, "python_version": platform.python_version()})
-            tracker.log_json(OmegaConf.to_container(cfg, resolve=True), "config/config.yaml")
-            tracker.log_json({"overrides": spec.overrides}, "config/overrides.yaml")
+            tracker.log_json(redact_all(OmegaConf.to_container(cfg, resolve=True)), "config/config.yaml")
+            tracker.log_json({"overrides": redact_all(spec.overrides)}, "config/overrides.yaml")
         else:
-            tracker.set_tags({"resumed_with": " ".join(spec.overrides), "resumed_commit": commit})
+            tracker.set_tags({"resumed_with": join_overrides(spec.overrides), "resumed_commit": commit})
         yield tracker
         status = RunStatus.to_string(RunStatus.FINISHED)
     except KeyboardInterrupt:
@@ -305,7 +316,22 @@ def start_run(cfg: DictConfig, spec: RunSpec) -> Iterator[Tracker]:
         raise
     finally:
         system_metrics.stop(monitor)
-        _end_run(tracker.run_id, status)
+        lease.release()
+        if lease.lost is None:
+            _end_run(tracker.run_id, status)
+        else:
+            _leave_run(tracker.run_id, lease.lost)
+
+
+def _leave_run(run_id: str, why: str) -> None:
+    """Forget the active run without writing its end: another process owns the record now (``why``)."""
+    from mlflow.tracking import fluent
+
+    stack = fluent._active_run_stack.get()  # MLflow has no public way to let go of a run without closing it
+    if stack and stack[-1].info.run_id == run_id:
+        stack.pop()
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    log.error("MLflow run %s was %s: its end was not written by this process", run_id, why)
 
 
 def _end_run(run_id: str, status: str) -> None:

@@ -61,6 +61,13 @@ class Trainer(Protocol):
         """
         ...
 
+    def read_checkpoint(self, path: Path) -> Any:
+        """Read one of its checkpoints without running code from it (a resume reads those of its store before the run reopens).
+
+        One that is truncated, damaged or holds more than weights is a runner.safe_load.UnreadableCheckpoint.
+        """
+        ...
+
 
 TRAINERS = {"torch": "runner.torch_trainer", "keras": "runner.keras_trainer"}
 # What each framework needs installed, and the pyproject extra that brings it.

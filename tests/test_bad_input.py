@@ -39,7 +39,7 @@ def images(folder: Path, n: int, size: int = 24) -> Path:
     "args, code, fragments",
     [
         (["model=resnet5"], 1, ["Could not find 'model/resnet5'", "Available options in 'model'", "linear"]),
-        (["optimizer.lrr=0.1"], 1, ["Could not override 'optimizer.lrr'", "Key 'lrr' not in 'SGDConfig'"]),
+        (["optimizer.lrr=0.1"], 2, ["optimizer.lrr is not a key of this runner (did you mean optimizer.lr?)"]),
         (["optimizer.lr=fast"], 1, ["optimizer.lr", "Value 'fast' of type 'str' could not be converted to Float"]),
         (["trainer.epochs=0"], 2, ["trainer.epochs: must be > 0, got 0"]),
         (["trainer.epochs=-3"], 2, ["trainer.epochs: must be > 0, got -3"]),

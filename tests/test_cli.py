@@ -28,8 +28,8 @@ def test_help_lists_the_groups(cli):
 
 def test_typo_is_reported_without_running(cli):
     result = cli("optimizer.lrr=0.1")
-    assert result.returncode != 0
-    assert "Could not override 'optimizer.lrr'" in result.stderr
+    assert result.returncode == 2
+    assert "optimizer.lrr is not a key of this runner (did you mean optimizer.lr?)" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import pytest
@@ -110,3 +111,29 @@ def test_a_run_whose_process_was_killed_is_closed_by_the_next_run(store, data_ca
     assert result.returncode == 0, result.stderr[-3000:]
     assert mlflow.MlflowClient(store["uri"]).get_run(orphan.info.run_id).info.status == "KILLED"
     assert f"resume={orphan.info.run_id}" in result.stderr
+
+
+def test_a_dataset_registration_that_lost_a_race_links_the_winners(client, monkeypatch):
+    import numpy as np
+
+    from datasets import DataSplits, Split
+    from runner import lineage
+
+    real, calls = mlflow.log_inputs, []
+
+    def racing(*args, **kwargs):  # the other run inserted the same dataset between MLflow's look and its insert
+        calls.append(1)
+        if len(calls) == 1:
+            raise mlflow.exceptions.MlflowException(
+                "(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, datasets.name, datasets.digest")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mlflow, "log_inputs", racing)
+    split = lambda n: Split(np.zeros((n, 32, 32, 3), np.uint8), np.zeros(n, np.int64), [])  # noqa: E731
+    data = DataSplits(["Negative", "Positive"], split(6), split(2), split(2), "f" * 16, Path("/data"), [])
+    cfg = SimpleNamespace(name="synthetic_cracks", path="/data")
+    with mlflow.start_run() as run:
+        lineage.log_data_inputs(cfg, data, seed=42)
+    assert len(calls) == 2
+    assert {d.dataset.name for d in client.get_run(run.info.run_id).inputs.dataset_inputs} == {
+        "synthetic_cracks-train", "synthetic_cracks-val", "synthetic_cracks-test"}

@@ -31,7 +31,7 @@ CASES = [
     ((), "dataset.limit=0", "dataset.limit"),
     ((), "dataset.decode_workers=0", "dataset.decode_workers"),
     ((), "dataset.cache_dir=''", "dataset.cache_dir"),
-    ((), "dataset.path=''", "dataset.path"),
+    (("dataset=image_folder",), "dataset.path=''", "dataset.path"),
     ((), "dataset.in_memory_gb=-1", "dataset.in_memory_gb"),
     ((), "dataset.in_memory_gb=nan", "dataset.in_memory_gb"),
     ((), "dataset.name=image_folder", "dataset.name"),

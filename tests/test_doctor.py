@@ -17,6 +17,8 @@ import pytest
 from datasets import integrity
 from datasets.decoded import MARKER, SOURCES
 from runner import doctor
+from runner.errors import ConfigError
+from runner.lease import refuse_if_alive
 from conftest import TINY
 
 HOUR_AGO = time.time() - 3600
@@ -49,12 +51,15 @@ def test_doctor_reports_then_closes_a_killed_run_and_removes_only_unused_leftove
     while not any(Path(store["artifacts"]).glob("*/artifacts/checkpoints/last.pt")):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
         time.sleep(0.1)
+    client = mlflow.MlflowClient(store["uri"])
+    (live,) = client.search_runs([client.get_experiment_by_name("crack-classification").experiment_id])
+    with pytest.raises(ConfigError, match="still alive: process .* holds its folder lock"):  # no second writer while it trains
+        refuse_if_alive(live, "resume")
     proc.send_signal(signal.SIGKILL)  # no handler runs: RUNNING for ever, unless closed
     proc.wait(timeout=30)
-    client = mlflow.MlflowClient(store["uri"])
     (orphan,) = client.search_runs([client.get_experiment_by_name("crack-classification").experiment_id])
-    elsewhere = client.create_run(  # a run of another host, silent for 3 hours: only --other-hosts closes it
-        orphan.info.experiment_id, start_time=int((time.time() - 3 * 3600) * 1000), tags={"runner.host": "elsewhere", "runner.pid": "7@1"}
+    elsewhere = client.create_run(  # a run of an older runner (no lease) on another host, silent for 2 days: only --other-hosts closes it
+        orphan.info.experiment_id, start_time=int((time.time() - 48 * 3600) * 1000), tags={"runner.host": "elsewhere", "runner.pid": "7@1"}
     )
 
     (decoded,) = [p for p in (cache / "decoded").iterdir() if p.is_dir()]  # the run's own decode cache: in use by no one, usable
@@ -78,7 +83,8 @@ def test_doctor_reports_then_closes_a_killed_run_and_removes_only_unused_leftove
         report = subprocess.run(base, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
         assert report.returncode == 0, report.stderr[-3000:]
         out = report.stdout
-        assert f"{orphan.info.run_id}  {orphan.info.run_name}: was left RUNNING by process" in out and f"resume={orphan.info.run_id}" in out
+        assert f"{orphan.info.run_id}  {orphan.info.run_name}: was left RUNNING: process" in out and "no longer holds its folder lock" in out
+        assert f"resume={orphan.info.run_id}" in out
         assert elsewhere.info.run_id not in out
         for path in (older, gone, partial, making, checkpoint, free_lock):
             assert str(path) in out, path
@@ -88,7 +94,7 @@ def test_doctor_reports_then_closes_a_killed_run_and_removes_only_unused_leftove
         assert "nothing changed (dry run)" in out
         assert client.get_run(orphan.info.run_id).info.status == "RUNNING" and all(p.exists() for p in (older, partial, free_lock))
 
-        fixed = subprocess.run([*base, "--fix", "--other-hosts", "--older-than", "2h"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+        fixed = subprocess.run([*base, "--fix", "--other-hosts"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
         assert fixed.returncode == 0, fixed.stderr[-3000:]
         assert client.get_run(orphan.info.run_id).info.status == "KILLED"
         assert client.get_run(elsewhere.info.run_id).info.status == "KILLED"

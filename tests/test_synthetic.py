@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from datasets.errors import DataError
 from datasets.synthetic import CLASS_NAMES, MARKER_NAME, generate
 
 SIZE = 64
@@ -75,7 +76,7 @@ def test_foreign_folder_is_not_overwritten(tmp_path: Path) -> None:
     root = tmp_path / "data"
     root.mkdir()
     (root / "mine.txt").write_text("keep")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(DataError, match="not a synthetic data set made by this runner: generated images never go into it"):
         generate(root, 2, SIZE, workers=1)
     assert (root / "mine.txt").read_text() == "keep"
     assert list(tmp_path.iterdir()) == [root]
