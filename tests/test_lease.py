@@ -39,7 +39,7 @@ def test_a_live_run_of_another_pid_namespace_on_this_host_is_neither_closed_nor_
 
 
 def test_a_run_whose_lease_expired_is_closed_on_any_host_and_older_than_applies_on_top(store, client, tmp_path, capsys):
-    dead = planted_run(client, "another-machine", seen_ago=150)
+    dead = planted_run(client, "another-machine", seen_ago=200)
     args = ["--tracking-uri", store["uri"], "--cache-dir", str(tmp_path), "--outputs"]
     assert doctor.main([*args, "--fix", "--older-than", "1h"]) == 0  # started just now: not silent for an hour
     assert client.get_run(dead.info.run_id).info.status == "RUNNING"
