@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from datasets import integrity
+from crack_runner.datasets import integrity
 
 PX = 227
 ROW = PX * PX * 3

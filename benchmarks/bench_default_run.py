@@ -25,7 +25,7 @@ from tabulate import tabulate
 
 ROOT = Path(__file__).resolve().parents[1]
 # What `python -m runner` imports before the run starts (the entry point, the app, the linear trainer).
-IMPORTS = "import runner.__main__, runner.app, runner.torch_trainer, runner.evaluate, mlflow.pytorch"
+IMPORTS = "import runner.__main__, runner.app, runner.train.torch_trainer, runner.report.evaluate, mlflow.pytorch"
 
 
 def command_seconds(workdir: Path, env: dict[str, str]) -> float:
@@ -59,7 +59,8 @@ def stage_profile(workdir: Path) -> tuple[dict[str, float], list[str]]:
     from stages import compose_cfg, timed_run
 
     import runner.__main__  # noqa: F401 - the command's process settings (garbage collection) and config schemas
-    from runner import app, torch_trainer
+    from runner import app
+    from runner.train import torch_trainer
     stages = [
         (app, "open_store", "MLflow store: open, experiment"),
         (app.datasets, "load", "data: find, fingerprint, split, read the cache"),

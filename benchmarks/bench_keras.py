@@ -38,12 +38,13 @@ import plain_keras  # noqa: E402
 from stages import PROFILE_HEADERS, bookkeeping_stages, compose_cfg, profile_rows, timed_run  # noqa: E402
 
 import datasets  # noqa: E402
-from runner import app, keras_trainer  # noqa: E402
-from models.keras_backbones import build, freeze, frozen_layer_count  # noqa: E402
-from runner.config import register_schemas, to_run_config  # noqa: E402
-from runner.epochs import Epochs  # noqa: E402
-from runner.precompute import store as feature_store  # noqa: E402
-from runner.precompute.cut import cut_after_frozen  # noqa: E402
+from crack_runner.models.keras_backbones import build, freeze, frozen_layer_count  # noqa: E402
+from runner import app  # noqa: E402
+from runner.config.schema import register_schemas, to_run_config  # noqa: E402
+from runner.train import keras_trainer  # noqa: E402
+from runner.train.epochs import Epochs  # noqa: E402
+from runner.train.frozen import store as feature_store  # noqa: E402
+from runner.train.frozen.cut import cut_after_frozen  # noqa: E402
 
 # What the runner spends its time on (see stages.py).
 STAGES = [

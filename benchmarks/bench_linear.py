@@ -26,11 +26,12 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import plain_linear  # noqa: E402
+from stages import PROFILE_HEADERS, bookkeeping_stages, compose_cfg, profile_rows, timed_run  # noqa: E402
 
 import datasets  # noqa: E402
-from runner import app, torch_trainer  # noqa: E402
-from runner.config import register_schemas, to_run_config  # noqa: E402
-from stages import PROFILE_HEADERS, bookkeeping_stages, compose_cfg, profile_rows, timed_run  # noqa: E402
+from runner import app  # noqa: E402
+from runner.config.schema import register_schemas, to_run_config  # noqa: E402
+from runner.train import torch_trainer  # noqa: E402
 
 # What the runner spends its time on (see stages.py); the first four are the plain script's work
 # (decoding, all epochs) plus the validation the runner adds each epoch.

@@ -16,13 +16,12 @@ import os
 import time
 from collections.abc import Callable
 
-from runner import keras_trainer  # noqa: I001  (first: it puts Keras on TensorFlow)
-
+from runner.train import keras_trainer  # noqa: I001  (first: it puts Keras on TensorFlow)
 import numpy as np
 
-from models.keras_backbones import build, freeze, frozen_layer_count
-from runner.config import SGDConfig
-from runner.precompute.tfdata import batch_rows, batches
+from crack_runner.models.keras_backbones import build, freeze, frozen_layer_count
+from runner.config.schema import SGDConfig
+from runner.train.frozen.tfdata import batch_rows, batches
 
 
 def images_per_second(step: Callable[[], object], images: int, repeats: int) -> float:

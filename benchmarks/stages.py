@@ -18,7 +18,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from runner import app
-from runner.tracking import Tracker
+from runner.track.tracking import Tracker
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

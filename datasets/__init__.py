@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 from filelock import FileLock
 
-from datasets.decoded import load_decoded, load_mapped, memory_budget
-from datasets.folder import ImageList, decode_images, fingerprint, limit_per_class, scan
-from datasets.integrity import digest_index
-from datasets.split import stratified_folds, stratified_split
-from datasets.errors import DataError
+from crack_runner.datasets.decoded import load_decoded, load_mapped, memory_budget
+from crack_runner.datasets.errors import DataError
+from crack_runner.datasets.folder import ImageList, decode_images, fingerprint, limit_per_class, scan
+from crack_runner.datasets.integrity import digest_index
+from crack_runner.datasets.split import stratified_folds, stratified_split
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +54,11 @@ class DataSplits:
         return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
 
 
-def resolve_root(cfg) -> Path:  # cfg: runner.config.DatasetConfig (kept untyped to avoid an import cycle)
+def resolve_root(cfg) -> Path:  # cfg: runner.config.schema.DatasetConfig (kept untyped to avoid an import cycle)
     """The class-per-folder tree of the configured data set, generated or downloaded if needed."""
     cache = Path(cfg.cache_dir).expanduser()
     if cfg.name == "synthetic_cracks":
-        from datasets import synthetic
+        from crack_runner.datasets import synthetic
 
         root = cache / f"synthetic_cracks-n{cfg.samples_per_class}-s{cfg.source_size}-seed{cfg.seed}"  # never a folder of the user's
         root.parent.mkdir(parents=True, exist_ok=True)
@@ -75,7 +75,7 @@ def resolve_root(cfg) -> Path:  # cfg: runner.config.DatasetConfig (kept untyped
                 f"({err.strerror or err}). Set dataset.cache_dir to a writable folder."
             ) from err
     if cfg.name == "concrete_cracks":
-        from datasets import concrete_cracks
+        from crack_runner.datasets import concrete_cracks
 
         return concrete_cracks.prepare(cfg.path, cfg.url, cache, cfg.sha256)
     return Path(cfg.path).expanduser()

@@ -17,9 +17,9 @@ import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
 
-from datasets import stopping
-from datasets.errors import DataError
-from datasets.integrity import size_text, is_full, write_failure
+from crack_runner.datasets import stopping
+from crack_runner.datasets.errors import DataError
+from crack_runner.datasets.integrity import is_full, size_text, write_failure
 
 # The real set (40,000 jpgs) expands to about 250 MB: a data set 250 times larger is still
 # accepted, while a bomb of many members that each stay under the ratio limit is not.

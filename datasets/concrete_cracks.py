@@ -19,9 +19,9 @@ from filelock import FileLock
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 from tqdm import tqdm
 
-from datasets import stopping
-from datasets.archive import extract_zip
-from datasets.errors import DataError
+from crack_runner.datasets import stopping
+from crack_runner.datasets.archive import extract_zip
+from crack_runner.datasets.errors import DataError
 
 log = logging.getLogger(__name__)
 

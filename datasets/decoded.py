@@ -32,9 +32,9 @@ from typing import TypeVar
 import numpy as np
 from filelock import FileLock
 
-from datasets import integrity, stopping
-from datasets.folder import ImageList, decode_images, decode_into
-from datasets.errors import DataError
+from crack_runner.datasets import integrity, stopping
+from crack_runner.datasets.errors import DataError
+from crack_runner.datasets.folder import ImageList, decode_images, decode_into
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ import psutil
 from PIL import Image, ImageMode, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from datasets.integrity import content_digests
-from datasets import stopping
-from datasets.errors import DataError
+from crack_runner.datasets import stopping
+from crack_runner.datasets.errors import DataError
+from crack_runner.datasets.integrity import content_digests
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +280,7 @@ def decode_into(
     The threads together hold no more than :func:`decode_memory_budget` bytes of pixels being
     decoded (a file larger than that is decoded alone), whatever their number. Returns the
     indices of ``paths`` that decoded and one warning line per skipped file, each naming it.
-    A stop request (:mod:`runner.interrupt`) raises KeyboardInterrupt within a
+    A stop request (:mod:`runner.track.interrupt`) raises KeyboardInterrupt within a
     second, once no thread writes to ``out`` or calls ``sink`` any more.
     """
     errors: dict[int, str] = {}

@@ -30,7 +30,7 @@ from typing import Literal
 import numpy as np
 from filelock import FileLock
 
-from datasets import stopping
+from crack_runner.datasets import stopping
 
 SPAN_BYTES = 64 * 2**20  # bytes checked per task of the threads (an interruption waits for no more)
 BLOCK = 8 * 2**20  # bytes per CRC of a whole file
@@ -81,7 +81,7 @@ def file_checksum(path: Path) -> str:
 def _parallel(work: Callable[[range], None], count: int, nbytes: int) -> None:
     """``work`` over ``range(count)`` in spans of about SPAN_BYTES, on a thread per core when there are several.
 
-    Ctrl-C / SIGTERM (runner.interrupt) stops between spans: a check of a large file on a slow disk can take a while.
+    Ctrl-C / SIGTERM (runner.track.interrupt) stops between spans: a check of a large file on a slow disk can take a while.
     """
     per_span = max(1, count * SPAN_BYTES // max(nbytes, 1))
     spans = [range(start, min(start + per_span, count)) for start in range(0, count, per_span)]

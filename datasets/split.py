@@ -7,8 +7,9 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from sklearn.model_selection import StratifiedKFold, train_test_split
 
-from datasets.errors import DataError
+from crack_runner.datasets.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -53,64 +54,16 @@ def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> list[tuple[np
             f"dataset.folds={folds}: the smallest class of train+val has {smallest} images, fewer than the folds; "
             f"set dataset.folds to at most {smallest} (and at least 2), or add images."
         )
-    from sklearn.model_selection import StratifiedKFold  # here: scikit-learn takes seconds to import
-
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     return [(np.sort(train), np.sort(val)) for train, val in splitter.split(np.zeros(len(labels)), labels)]
 
 
 def _split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> SplitIndices:
-    """Test first, then val from the rest; a ValueError when a split cannot hold every class."""
+    """Test first, then val from the rest (scikit-learn's stratified draw); a ValueError when a split cannot hold every class."""
     index = np.arange(len(labels))
-    rest, test = _hold_out(index, labels, test_fraction, seed)
-    train, val = _hold_out(rest, labels[rest], val_fraction / (1.0 - test_fraction), seed)
+    rest, test = train_test_split(index, test_size=test_fraction, stratify=labels, random_state=seed)
+    train, val = train_test_split(rest, test_size=val_fraction / (1.0 - test_fraction), stratify=labels[rest], random_state=seed)
     return SplitIndices(np.sort(train), np.sort(val), np.sort(test))
-
-
-def _hold_out(index: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(kept, held out) parts of ``index``, ``fraction`` of it held out with each class in proportion.
-
-    Draw for draw scikit-learn's ``train_test_split(index, test_size=fraction, stratify=labels,
-    random_state=seed)`` (tests/test_data.py checks it), whose splits the runner has always
-    made; here because importing scikit-learn takes about a second of every run.
-    """
-    n = len(index)
-    n_out = math.ceil(fraction * n)
-    n_keep = n - n_out
-    classes, inverse = np.unique(labels, return_inverse=True)
-    counts = np.bincount(inverse)
-    if counts.min() < 2:
-        raise ValueError("a class has a single image, which cannot be on both sides")
-    if min(n_keep, n_out) < len(classes):
-        raise ValueError(f"{n_keep} and {n_out} of {n} images cannot each hold one image of each of {len(classes)} classes")
-    members = np.split(np.argsort(inverse, kind="mergesort"), np.cumsum(counts)[:-1])
-    rng = np.random.RandomState(seed)
-    kept_per_class = _apportion(counts, n_keep, rng)
-    out_per_class = _apportion(counts - kept_per_class, n_out, rng)
-    kept, out = [], []
-    for members_i, count, k, o in zip(members, counts, kept_per_class, out_per_class):
-        shuffled = members_i[rng.permutation(count)]
-        kept.append(shuffled[:k])
-        out.append(shuffled[k : k + o])
-    # in the order drawn (the val split is then drawn from the rest in this order)
-    return index[rng.permutation(np.concatenate(kept))], index[rng.permutation(np.concatenate(out))]
-
-
-def _apportion(counts: np.ndarray, draws: int, rng: np.random.RandomState) -> np.ndarray:
-    """``draws`` shared between classes in proportion to ``counts``; the units that rounding leaves go to the
-    largest remainders, ties broken at random (scikit-learn's ``_approximate_mode``)."""
-    exact = counts / counts.sum() * draws
-    shares = np.floor(exact)
-    left = int(draws - shares.sum())
-    remainder = exact - shares
-    for value in np.sort(np.unique(remainder))[::-1]:
-        if left <= 0:
-            break
-        (tied,) = np.where(remainder == value)
-        chosen = rng.choice(tied, size=min(len(tied), left), replace=False)
-        shares[chosen] += 1
-        left -= len(chosen)
-    return shares.astype(int)
 
 
 def _min_per_class(val_fraction: float, test_fraction: float) -> int:

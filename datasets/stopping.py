@@ -3,7 +3,7 @@
 Why here: data loading (decode, generation, download, checksums), the Keras feature pass and
 the training loops all take long and must stop on Ctrl-C; this module is in the lowest layer
 so that all of them can ask it without ``datasets`` or ``models`` importing the runner. The
-runner's signal handler (runner.interrupt) only calls :func:`request`; long loops call
+runner's signal handler (runner.track.interrupt) only calls :func:`request`; long loops call
 :func:`check` where stopping leaves nothing half-done, which raises KeyboardInterrupt there.
 
 A wait that blocks (a pool's result, a sleep) would not notice the request, so long stages

@@ -24,8 +24,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from datasets import stopping
-from datasets.errors import DataError
+from crack_runner.datasets import stopping
+from crack_runner.datasets.errors import DataError
 
 logger = logging.getLogger(__name__)
 

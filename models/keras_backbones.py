@@ -23,7 +23,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from models.errors import ModelError
+from crack_runner.models.errors import ModelError
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,11 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from runner import interrupt
-from runner.config import register_schemas
-from runner.console import missing_plugin, register_resolvers
+from runner.config.keys import check_command_line
+from runner.config.schema import conf_dir, register_schemas
 from runner.errors import USER_ERRORS
-from runner.keys import check_command_line
+from runner.report.console import missing_plugin, register_resolvers
+from runner.track import interrupt
 
 log = logging.getLogger("runner")
 
@@ -27,7 +27,7 @@ register_schemas()
 register_resolvers()
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+@hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     """Run one job; a user error is reported as one clear message without a traceback (exit status 2)."""
     from runner.app import run  # after Hydra has parsed --help, so help never imports a framework

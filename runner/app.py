@@ -16,21 +16,23 @@ import mlflow
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-import datasets
-from datasets import DataSplits, stopping
-from runner import lineage, summary
-from runner.config import RunConfig, may_differ_on_resume, to_run_config
-from runner.epochs import HISTORY, SELECTED, EpochPolicy, Epochs
+from crack_runner import datasets
+from crack_runner.datasets import DataSplits, stopping
+from runner.config.keys import check_composed, check_ignored
+from runner.config.schema import RunConfig, may_differ_on_resume, to_run_config
 from runner.errors import USER_ERRORS, storage_error
-from runner.evaluate import evaluate_and_log
-from runner.job import JobContext, job_context, localise
-from runner.keys import check_composed, check_ignored
-from runner.limits import check_limits
-from runner.seeding import seed_everything
-from runner.store import RAY_NODE_TAG, absolute_tracking_uri, open_store
-from runner.sweep import earlier_attempt, resume_target
-from runner.tracking import CONFIG_HASH_TAG, RunSpec, Tracker, config_hash, flatten, prepare_resume, start_run
-from runner.trainer import Trainer, trainer_for
+from runner.report import summary
+from runner.report.evaluate import evaluate_and_log
+from runner.track import lineage
+from runner.track.job import JobContext, job_context, localise
+from runner.track.limits import check_limits
+from runner.track.safe_load import check_resume
+from runner.track.store import RAY_NODE_TAG, absolute_tracking_uri, open_store
+from runner.track.sweep import earlier_attempt, resume_target
+from runner.track.tracking import CONFIG_HASH_TAG, SELECTED, RunSpec, Tracker, config_hash, flatten, prepare_resume, start_run
+from runner.train.epochs import HISTORY, EpochPolicy, Epochs
+from runner.train.seeding import seed_everything
+from runner.train.trainer import Trainer, trainer_for
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,8 @@ def _run(cfg: DictConfig) -> float:
     trainer = trainer_for(run_cfg.model.framework)
     trainer.check(run_cfg)  # before the data loads and any run opens
     resume_from = prepare_resume(ran, run_cfg.resume, job.output_dir / "resume", may_differ) if run_cfg.resume else None
+    if resume_from is not None:
+        check_resume(resume_from, run_cfg.resume, trainer)  # a bad checkpoint stops us before the run reopens: it stays KILLED
     seed_everything(run_cfg.seed, trainer)
     data = datasets.load(run_cfg.dataset, run_cfg.seed, progress=run_cfg.trainer.progress)
     stopping.check()  # stopped while the data loaded: no run to open

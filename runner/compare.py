@@ -26,14 +26,14 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from tabulate import tabulate
 
-from runner.config import MINIMISED
-from runner.epochs import SELECTED
+from runner.config.redact import command_logging, redact
+from runner.config.schema import MINIMISED
 from runner.errors import USER_ERRORS, RunnerError
-from runner.redact import command_logging, redact
-from runner.registry import Champion, register_champion
-from runner.store import check_server
-from runner.lease import SWEEP_PARENT_ROLE, split_overrides
-from runner.metrics import DEGENERATE_TAG
+from runner.track.lease import SWEEP_PARENT_ROLE, split_overrides
+from runner.track.registry import Champion, register_champion
+from runner.track.store import check_server
+from runner.track.tracking import SELECTED
+from runner.train.metrics import DEGENERATE_TAG
 
 log = logging.getLogger("runner.compare")
 
@@ -132,8 +132,8 @@ def run_labels(runs: pd.DataFrame) -> dict[str, str]:
 
 def write_curves(runs: pd.DataFrame, metric: str, path: Path, tracking_uri: str) -> int:
     """Draw the best ``CURVES_RUNS`` runs' curves overlaid into ``path`` (PNG, PDF or SVG by its suffix); returns how many."""
-    from runner import plots
-    from runner.evaluate import CURVES
+    from runner.report import plots
+    from runner.report.evaluate import CURVES
 
     client = mlflow.MlflowClient(tracking_uri)
     labels = run_labels(runs)

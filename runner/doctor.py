@@ -3,9 +3,9 @@
 A run killed outright (SIGKILL, the out-of-memory killer, a power cut) leaves its MLflow run
 RUNNING and may leave half-written files, lock files and cache entries that no run will read
 again. A run opening the store closes the dead runs of its own host
-(:func:`runner.store.close_dead_runs`); this command finds, across all experiments and caches:
+(:func:`runner.track.store.close_dead_runs`); this command finds, across all experiments and caches:
 
-- stale runs: RUNNING runs whose lease has expired (runner.lease: no heartbeat for the lease's
+- stale runs: RUNNING runs whose lease has expired (runner.track.lease: no heartbeat for the lease's
   length, or a free folder lock), on any host, and silent for ``--older-than`` when given; a
   run whose lease is live is never touched. Runs of older runners (no lease): this host's
   whose process is gone and, with ``--other-hosts``, those this host cannot check that showed
@@ -38,12 +38,12 @@ from pathlib import Path
 import mlflow
 from mlflow.entities import Run
 
-from datasets import integrity
-from datasets.decoded import FORMAT as DECODE_FORMAT
-from datasets.decoded import MARKER, SOURCES
-from runner.lease import HEARTBEAT_TAG, HOST_TAG, SWEEP_PARENT_ROLE, close_run, liveness, lock_held, resume_command
-from runner.redact import command_logging, redact
-from runner.store import absolute_tracking_uri, sqlite_file
+from crack_runner.datasets import integrity
+from crack_runner.datasets.decoded import FORMAT as DECODE_FORMAT
+from crack_runner.datasets.decoded import MARKER, SOURCES
+from runner.config.redact import command_logging, redact
+from runner.track.lease import HEARTBEAT_TAG, HOST_TAG, SWEEP_PARENT_ROLE, close_run, liveness, lock_held, resume_command
+from runner.track.store import absolute_tracking_uri, sqlite_file
 
 log = logging.getLogger("runner.doctor")
 
@@ -197,7 +197,7 @@ def decode_cache_problem(folder: Path) -> str | None:
 
 
 def unusable_features(feature_dir: Path) -> Iterator[tuple[Path, str]]:
-    """Frozen-feature folders made by another format or library version, and damaged entries (runner.precompute.store).
+    """Frozen-feature folders made by another format or library version, and damaged entries (runner.train.frozen.store).
 
     Judged against the installed libraries, so only where TensorFlow is installed (imported only when there are entries).
     """
@@ -205,7 +205,7 @@ def unusable_features(feature_dir: Path) -> Iterator[tuple[Path, str]]:
     if not folders:
         return
     try:
-        from runner.precompute.store import MADE_BY, made_by
+        from runner.train.frozen.store import MADE_BY, made_by
     except ImportError:  # no TensorFlow on this machine: no run here reads them either way
         return
     current = made_by()

@@ -9,9 +9,8 @@ from __future__ import annotations
 import errno
 import os
 
-
-from datasets.errors import DataError
-from models.errors import ModelError
+from crack_runner.datasets.errors import DataError
+from crack_runner.models.errors import ModelError
 
 
 class RunnerError(Exception):

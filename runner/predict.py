@@ -7,7 +7,7 @@ model takes raw pixels and holds its own preprocessing, the input size comes fro
 model's signature and the files are decoded by ``datasets.folder``, as in training.
 
 A model that would unpickle, or import code from its folder, to load (one someone handed you)
-is refused unless ``--allow-pickle`` is passed (runner.safe_load); the runner's own need neither.
+is refused unless ``--allow-pickle`` is passed (runner.track.safe_load); the runner's own need neither.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 from tabulate import tabulate
 
-from datasets.folder import IMAGE_SUFFIXES, decode_image
+from crack_runner.datasets.folder import IMAGE_SUFFIXES, decode_image
+from runner.config.redact import command_logging
 from runner.errors import USER_ERRORS, ConfigError, DataError
-from runner.redact import command_logging
-from runner.safe_load import PICKLE_VARIABLE, load_model
+from runner.track.safe_load import PICKLE_VARIABLE, load_model
 
 log = logging.getLogger("runner.predict")
 
@@ -80,7 +80,7 @@ def image_files(inputs: Sequence[Path]) -> list[Path]:
 
 def _check_store(tracking_uri: str) -> None:
     """A sqlite store that is not there is a wrong path, not a new empty store to create; a server must let us in."""
-    from runner.store import check_server
+    from runner.track.store import check_server
 
     check_server(tracking_uri)
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
@@ -134,7 +134,7 @@ def decode(files: Sequence[Path], image_size: int) -> np.ndarray:
 def predict(logged: LoggedModel, files: Sequence[Path], batch_size: int = 64, allow_pickle: bool = False) -> list[Prediction]:
     """The most probable class of each image file and its probability; a batch at a time, so any folder fits in memory.
 
-    ``allow_pickle``: load the model even if that unpickles (otherwise refused, see runner.safe_load).
+    ``allow_pickle``: load the model even if that unpickles (otherwise refused, see runner.track.safe_load).
     """
     model = load_model(logged.uri, allow_pickle)
     predictions: list[Prediction] = []

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from datasets import archive, concrete_cracks
+from crack_runner.datasets import archive, concrete_cracks
 from runner.errors import DataError
 
 TOP = "concrete"  # the real archive's layout: one top folder holding Positive/ and Negative/

@@ -10,15 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-import datasets
-from datasets.split import stratified_folds
-from runner import compare, torch_trainer
+from crack_runner import datasets
+from crack_runner.datasets.split import stratified_folds
+from runner import compare
 from runner.app import run
-from runner.augment import augment
-from runner.config import AugmentConfig, to_run_config
+from runner.config.schema import AugmentConfig, to_run_config
 from runner.errors import ConfigError, TrainingError
-from runner.metrics import classification_metrics
-from runner.schedules import Schedule, epoch_lr
+from runner.train import torch_trainer
+from runner.train.augment import augment
+from runner.train.metrics import classification_metrics
+from runner.train.schedules import Schedule, epoch_lr
 
 BASIC = AugmentConfig("basic", True, True, True, 0.1, 0.2)
 

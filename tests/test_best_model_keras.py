@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import math
 
+from runner.train import keras_trainer  # noqa: I001  (first: it puts Keras on TensorFlow before keras is imported)
+import keras
 import mlflow
 import numpy as np
 import pytest
 
-from runner import keras_trainer  # noqa: I001  (first: it puts Keras on TensorFlow before keras is imported)
-import keras
-
-import datasets
+from crack_runner import datasets
 from runner.app import run
-from runner.augment import augment
-from runner.config import AugmentConfig, to_run_config
-from runner.precompute.tfdata import batch_rows, batch_seeds, batches
+from runner.config.schema import AugmentConfig, to_run_config
+from runner.train.augment import augment
+from runner.train.frozen.tfdata import batch_rows, batch_seeds, batches
 
 VGG = ["model=vgg16", "model.weights=null"]
 

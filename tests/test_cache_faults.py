@@ -29,9 +29,9 @@ from test_cache_integrity import (
     tiny_model,
 )
 
-import datasets
-from datasets import folder
-from runner.config import to_run_config
+from crack_runner import datasets
+from crack_runner.datasets import folder
+from runner.config.schema import to_run_config
 from runner.errors import DataError
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs or a read-only bind mount needs root")

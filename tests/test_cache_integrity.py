@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import datasets
-from datasets import folder, integrity, synthetic
-from runner.config import to_run_config
+from crack_runner import datasets
+from crack_runner.datasets import folder, integrity, synthetic
+from runner.config.schema import to_run_config
 
 SIZE = 16  # decoded image size: small, the checks are the same at any size
 
@@ -186,9 +186,9 @@ def test_the_fingerprint_is_the_same_for_the_same_bytes_anywhere(tmp_path, monke
 
 
 def feature_store_module():
-    """runner.precompute.store, with Keras on TensorFlow: imported on first use, as only these tests need TensorFlow."""
-    from runner import keras_trainer  # noqa: F401, I001  (first: it puts Keras on TensorFlow before keras is imported)
-    from runner.precompute import store as frozen_features
+    """runner.train.frozen.store, with Keras on TensorFlow: imported on first use, as only these tests need TensorFlow."""
+    from runner.train import keras_trainer  # noqa: F401, I001  (first: it puts Keras on TensorFlow before keras is imported)
+    from runner.train.frozen import store as frozen_features
 
     return frozen_features
 

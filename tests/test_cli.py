@@ -58,7 +58,7 @@ def test_a_linear_run_never_imports_tensorflow(store, data_cache, tmp_path):
     script = (
         "import sys\n"
         "from hydra import compose, initialize_config_dir\n"
-        "from runner.config import register_schemas\n"
+        "from runner.config.schema import register_schemas\n"
         "from runner.app import run\n"
         "register_schemas()\n"
         f"with initialize_config_dir(config_dir={str(CONF)!r}, version_base='1.3'):\n"

@@ -116,8 +116,8 @@ def test_a_run_whose_process_was_killed_is_closed_by_the_next_run(store, data_ca
 def test_a_dataset_registration_that_lost_a_race_links_the_winners(client, monkeypatch):
     import numpy as np
 
-    from datasets import DataSplits, Split
-    from runner import lineage
+    from crack_runner.datasets import DataSplits, Split
+    from runner.track import lineage
 
     real, calls = mlflow.log_inputs, []
 

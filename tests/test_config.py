@@ -9,7 +9,7 @@ import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import MISSING
 
-from runner.config import AdamConfig, ImageFolderConfig, LinearConfig, SGDConfig, SyntheticCracksConfig, to_run_config
+from runner.config.schema import AdamConfig, ImageFolderConfig, LinearConfig, SGDConfig, SyntheticCracksConfig, to_run_config
 from runner.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -125,7 +125,7 @@ def test_image_folder_without_path_says_which_key(make_cfg):
 
 def test_every_default_lives_in_the_yaml_alone():
     """The schema types and checks the keys; their values come from conf/ only, so the two can never disagree."""
-    from runner.config import _SCHEMAS, RunConfig, TrackingConfig, TrainerConfig
+    from runner.config.schema import _SCHEMAS, RunConfig, TrackingConfig, TrainerConfig
 
     with_values = []
     for schema in [RunConfig, TrainerConfig, TrackingConfig, *(s for group in _SCHEMAS.values() for s in group.values())]:

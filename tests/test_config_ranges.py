@@ -8,8 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from datasets.split import stratified_split
-from runner.config import to_run_config
+from crack_runner.datasets.split import stratified_split
+from runner.config.schema import to_run_config
 from runner.errors import ConfigError, DataError
 
 KERAS = ("model=resnet50",)

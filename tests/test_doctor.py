@@ -14,12 +14,12 @@ import mlflow
 import numpy as np
 import pytest
 
-from datasets import integrity
-from datasets.decoded import MARKER, SOURCES
+from conftest import TINY
+from crack_runner.datasets import integrity
+from crack_runner.datasets.decoded import MARKER, SOURCES
 from runner import doctor
 from runner.errors import ConfigError
-from runner.lease import refuse_if_alive
-from conftest import TINY
+from runner.track.lease import refuse_if_alive
 
 HOUR_AGO = time.time() - 3600
 
@@ -115,7 +115,7 @@ def test_older_than_takes_seconds_minutes_hours_and_days():
 
 @pytest.mark.slow
 def test_frozen_features_of_other_versions_or_damaged_are_unusable(tmp_path):
-    from runner.precompute.store import MADE_BY, made_by
+    from runner.train.frozen.store import MADE_BY, made_by
 
     current, old = tmp_path / "current", tmp_path / "old"
     for folder, made in ((current, made_by()), (old, {**made_by(), "keras": "2.0.0"})):

@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from conftest import ARTIFACTS
-from runner import plots
 from runner.app import run
-from runner.explain import pick_examples
+from runner.report import plots
+from runner.report.explain import pick_examples
 
 # Per framework: the pictures each run logs (least width, height), and those it must not log.
 PICTURES = {

@@ -10,28 +10,26 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from runner.train import keras_trainer  # noqa: I001  (first: it puts Keras on TensorFlow before keras is imported)
+import keras
 import numpy as np
 import pytest
 
-from runner import keras_trainer  # noqa: I001  (first: it puts Keras on TensorFlow before keras is imported)
-import keras
-
-from runner.precompute import tfdata
-from runner.precompute import store as feature_store
-from runner.precompute.cut import cut_after_frozen
-from runner.precompute.store import FeatureStore
-
-import datasets
-from models.keras_backbones import build, freeze, frozen_layer_count
-from runner.config import to_run_config
-from runner.epochs import EpochPolicy, Epochs
-from runner.seeding import seed_everything
+from crack_runner import datasets
+from crack_runner.models.keras_backbones import build, freeze, frozen_layer_count
+from runner.config.schema import to_run_config
+from runner.train.epochs import EpochPolicy, Epochs
+from runner.train.frozen import store as feature_store
+from runner.train.frozen import tfdata
+from runner.train.frozen.cut import cut_after_frozen
+from runner.train.frozen.store import FeatureStore
+from runner.train.seeding import seed_everything
 
 SHAPE = (32, 32, 3)
 
 
 class RecordingTracker:
-    """The part of runner.tracking.Tracker the trainer uses, without MLflow."""
+    """The part of runner.track.tracking.Tracker the trainer uses, without MLflow."""
 
     def __init__(self) -> None:
         self.params: dict[str, Any] = {}

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datasets.folder import decode_image, decode_into
+from crack_runner.datasets.folder import decode_image, decode_into
 from runner.errors import DataError
 from runner.predict import decode
 

@@ -7,20 +7,19 @@ import subprocess
 import sys
 import textwrap
 
+from runner.train import keras_trainer  # noqa: I001  (first: it puts Keras on TensorFlow before keras is imported)
+import keras
 import mlflow
 import numpy as np
 import pytest
 
-from runner import keras_trainer  # noqa: I001  (first: it puts Keras on TensorFlow before keras is imported)
-import keras
-
-import datasets
-from models.keras_backbones import BACKBONES, build, freeze, frozen_layer_count, load_base
+from crack_runner import datasets
+from crack_runner.models.errors import ModelError
+from crack_runner.models.keras_backbones import BACKBONES, build, freeze, frozen_layer_count, load_base
 from runner.app import run
-from runner.config import to_run_config
-from models.errors import ModelError
+from runner.config.schema import to_run_config
 from runner.errors import TrainingError
-from runner.epochs import Epochs
+from runner.train.epochs import Epochs
 
 SHAPE = (32, 32, 3)
 RESNET50_LAYERS = 175

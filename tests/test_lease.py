@@ -1,4 +1,4 @@
-"""Liveness is a lease (runner.lease): a live run is never closed nor resumed by another process, a dead one is closable on any host."""
+"""Liveness is a lease (runner.track.lease): a live run is never closed nor resumed by another process, a dead one is closable on any host."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import time
 import mlflow
 import pytest
 
-from datasets import stopping
+from crack_runner.datasets import stopping
 from runner import doctor
 from runner.app import run
 from runner.errors import ConfigError
-from runner.lease import HEARTBEAT_TAG, LEASE_S_TAG, LEASE_TAG, Lease, liveness, resume_command
+from runner.track.lease import HEARTBEAT_TAG, LEASE_S_TAG, LEASE_TAG, Lease, liveness, resume_command
 
 
 def planted_run(client: mlflow.MlflowClient, host: str, seen_ago: float, **tags: str) -> mlflow.entities.Run:

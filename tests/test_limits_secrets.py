@@ -16,13 +16,13 @@ from hydra.utils import get_class
 from omegaconf import OmegaConf
 from PIL import Image
 
-from datasets import folder
-from runner.config import to_run_config
+from crack_runner.datasets import folder
+from runner.config.redact import RedactHydraFiles, redact
+from runner.config.schema import to_run_config
 from runner.errors import ConfigError
-from runner.job import JobContext, localise
-from runner.limits import check_limits
-from runner.redact import RedactHydraFiles, RedactSecrets, redact
-from runner.tracking import flatten
+from runner.track.job import JobContext, localise
+from runner.track.limits import check_limits
+from runner.track.tracking import flatten
 
 PASSWORD = "pw-4f1c9e"  # a word found nowhere else in what a run writes
 

@@ -18,13 +18,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import datasets
 from conftest import ARTIFACTS
-from services import free_port
-from runner import compare, lineage, predict
+from crack_runner import datasets
+from runner import compare, predict
 from runner.app import run
-from runner.config import to_run_config
-from runner.store import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, experiment_id, open_store
+from runner.config.schema import to_run_config
+from runner.track import lineage
+from runner.track.store import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, experiment_id, open_store
+from services import free_port
 
 SPLITS = {"train": "train", "val": "validation", "test": "test"}  # split -> MLflow context
 SYSTEM = ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes", "system/disk_usage_percentage")

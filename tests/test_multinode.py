@@ -19,7 +19,7 @@ import pytest
 from test_sweep import assert_grouped
 
 import services
-from runner.store import RAY_NODE_TAG
+from runner.track.store import RAY_NODE_TAG
 
 pytestmark = pytest.mark.slow
 

@@ -22,11 +22,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datasets import concrete_cracks
-from datasets.folder import decode_into
+from crack_runner.datasets import concrete_cracks, stopping
+from crack_runner.datasets.folder import decode_into
 from runner import __main__ as entry
-from datasets import stopping
-from runner import interrupt
+from runner.track import interrupt
 
 STOP_WITHIN_S = 3.0  # signal to exit; measured 0.3-0.9 s on 2 busy cores
 # ~50 s of rendering on 2 cores, in tasks of 25 images of ~3 s: an orphaned worker would finish its task

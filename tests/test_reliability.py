@@ -16,10 +16,10 @@ import mlflow
 import pytest
 import torch
 
+from conftest import TINY
 from runner.app import run
 from runner.errors import ConfigError
-from runner.files import atomic_path
-from conftest import TINY
+from runner.track.files import atomic_path
 
 pytestmark = pytest.mark.slow
 
@@ -197,7 +197,7 @@ def test_checkpoint_survives_a_sigkill_during_the_write(tmp_path):
     torch.save({"epoch": 1}, path)
     writer = (
         "import sys, time, torch\n"
-        "from runner.files import atomic_path\n"
+        "from runner.track.files import atomic_path\n"
         f"with atomic_path(__import__('pathlib').Path({str(path)!r})) as tmp:\n"
         "    with open(tmp, 'wb') as f:\n"
         "        f.write(b'x' * 1000); f.flush(); print('writing', flush=True); time.sleep(60)\n"

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import datasets
+from crack_runner import datasets
 from runner import predict
 from runner.app import run
-from runner.config import to_run_config
+from runner.config.schema import to_run_config
 
 # The plots of every run, with the least width and height a readable picture of each has.
 PLOTS = {

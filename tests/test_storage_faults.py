@@ -84,8 +84,9 @@ def test_store_that_fills_mid_run_is_closed_by_the_next_run(mount, cli, store, d
     folder = mount("store", size="3m")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "CRACK_RUNNER_DATA": str(data_cache)}
-    from test_concurrency import TINY  # the same tiny data as the other tests
     import sys
+
+    from test_concurrency import TINY  # the same tiny data as the other tests
 
     cmd = [sys.executable, "-m", "runner", *TINY, "trainer.epochs=300", f"tracking.artifact_root={store['artifacts']}"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

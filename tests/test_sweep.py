@@ -111,7 +111,7 @@ def test_run_logs_through_a_real_tracking_server(cli, mlflow_server, tmp_path):
 
 
 def test_experiment_presets_compose(make_cfg):
-    from runner.config import to_run_config
+    from runner.config.schema import to_run_config
 
     linear = to_run_config(make_cfg("+experiment=linear", tiny=False))
     assert linear.model.name == "linear" and linear.trainer.epochs == 5 and linear.tracking.experiment == "capstone-linear"

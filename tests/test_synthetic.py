@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from datasets.errors import DataError
-from datasets.synthetic import CLASS_NAMES, MARKER_NAME, generate
+from crack_runner.datasets.errors import DataError
+from crack_runner.datasets.synthetic import CLASS_NAMES, MARKER_NAME, generate
 
 SIZE = 64
 PER_CLASS = 6
@@ -86,7 +86,7 @@ def test_failed_generation_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Mo
     def explode(*args: object) -> None:
         raise RuntimeError("interrupted")
 
-    monkeypatch.setattr("datasets.synthetic._render_job", explode)
+    monkeypatch.setattr("crack_runner.datasets.synthetic._render_job", explode)
     with pytest.raises(RuntimeError):
         generate(tmp_path / "data", 2, SIZE, workers=1)
     assert list(tmp_path.iterdir()) == []

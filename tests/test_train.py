@@ -10,9 +10,9 @@ import pytest
 import yaml
 from PIL import Image
 
-import datasets
+from crack_runner import datasets
 from runner.app import run
-from runner.config import to_run_config
+from runner.config.schema import to_run_config
 from runner.errors import TrainingError
 
 
@@ -88,7 +88,7 @@ def test_diverging_training_ends_failed_with_a_clear_error(make_cfg, client):
 def test_bf16_mixed_precision_trains_like_float32_up_to_rounding(make_cfg, client):
     import torch
 
-    from runner import torch_trainer
+    from runner.train import torch_trainer
 
     run_cfg = to_run_config(make_cfg("trainer.precision=bf16-mixed"))
     data = datasets.load(run_cfg.dataset, run_cfg.seed, progress=False)

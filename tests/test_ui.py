@@ -16,8 +16,8 @@ import pytest
 from conftest import ARTIFACTS
 from runner import compare
 from runner.app import run
-from runner.store import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
-from runner.summary import ui_link
+from runner.report.summary import ui_link
+from runner.track.store import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Headless and quiet: no sandbox (CI runs as root), no GPU, no calls home.

@@ -1,4 +1,4 @@
-"""Models and checkpoints from elsewhere load without running code from them (runner.safe_load).
+"""Models and checkpoints from elsewhere load without running code from them (runner.track.safe_load).
 
 A model folder someone hands you that would unpickle is refused by ``runner.predict`` unless the
 user opts in; the runner's own logged model needs no pickle; a truncated or hostile checkpoint on
@@ -24,9 +24,10 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from conftest import CONF, TINY
-from runner import predict, safe_load
+from runner import predict
 from runner.app import run
 from runner.errors import ConfigError
+from runner.track import safe_load
 
 CLASSES = ["Negative", "Positive"]
 SIGNATURE = {  # what runner.predict.describe wants: square RGB images in, one probability per class out
@@ -193,7 +194,7 @@ def test_resume_with_a_bad_best_checkpoint_names_it(killed, data_cache):
 
 
 def test_a_keras_checkpoint_with_code_is_refused_in_safe_mode(tmp_path):
-    keras_trainer = pytest.importorskip("runner.keras_trainer")
+    keras_trainer = pytest.importorskip("runner.train.keras_trainer")
     import keras
 
     marker = tmp_path / "payload-ran"

@@ -12,11 +12,11 @@ import pytest
 
 from conftest import ROOT
 from runner.app import run
-from runner.config import to_run_config
+from runner.config.keys import check_command_line, check_ignored
+from runner.config.schema import to_run_config
 from runner.errors import ConfigError
-from runner.keys import check_command_line, check_ignored
-from runner.metrics import degenerate
-from runner.torch_trainer import TorchModel
+from runner.train.metrics import degenerate
+from runner.train.torch_trainer import TorchModel
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,1 @@
+"""What a person reads: the end-of-run summary, plots, explanations, console logging, redaction of secrets."""

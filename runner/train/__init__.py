@@ -1,0 +1,1 @@
+"""Training both frameworks: the trainer protocol and its two implementations, epochs, schedules, evaluation."""
