@@ -26,6 +26,7 @@ from runner.train.torch_trainer import TorchModel
         ("optimzer.lr=0.001", "did you mean optimizer.lr?"),
         ("+trainer.epoch=3", "did you mean trainer.epochs?"),
         ("++dataset.image_sise=64", "did you mean dataset.image_size?"),
+        ("modle=resnet50", "did you mean model?"),
     ],
 )
 def test_an_unknown_key_with_or_without_plus_names_the_nearest_known_key(override, named):
@@ -34,8 +35,22 @@ def test_an_unknown_key_with_or_without_plus_names_the_nearest_known_key(overrid
 
 
 def test_group_choices_hydra_settings_and_known_keys_pass():
-    assert check_command_line(["model=resnet50", "+experiment=linear", "hydra/launcher=joblib", "hydra.sweeper.n_trials=3",
+    assert check_command_line(["model=resnet50", "hydra/launcher=joblib", "hydra.sweeper.n_trials=3",
                                "model.weights=null", "freeze_depth=140", "optimizer.beta1=0.8", "-m", "seed=1,2"]) is None
+    assert check_command_line(["+experiment=linear", "optimizer.momentum=0.5"]) is None
+
+
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [
+        (["model=resnet50", "optimizer.momentum=0.5"], "not a key of optimizer=adam, which this command composes: only optimizer=sgd take it"),
+        (["model.weights=null"], "not a key of model=linear, which this command composes: only model=resnet50, model=vgg16 take it"),
+    ],
+)
+def test_a_key_the_composed_option_lacks_is_named_with_the_options_that_take_it(arguments, named):
+    message = check_command_line(arguments)  # Hydra's own answer would be "To append to your config use +key=value"
+    assert message is not None and named in message
+    assert check_command_line(["model=resnet50", "optimizer=sgd", "optimizer.momentum=0.5"]) is None
 
 
 def test_the_typo_stops_the_command_before_anything_runs(tmp_path):

@@ -63,24 +63,57 @@ def nearest(key: str, known: list[str]) -> str:
 
 
 def check_command_line(arguments: list[str]) -> str | None:
-    """The message for the first override whose key no option of the schema has, or None."""
+    """The message for the first override whose key no option of the schema has, or that the chosen option lacks; or None."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    overrides = [a for a in arguments if "=" in a and not a.startswith("-")]
+    overrides = [a for a in arguments if "=" in a and not a.startswith("-") or a.startswith("~")]
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception:  # noqa: BLE001 - a malformed override: Hydra's own message says what is wrong
         return None
     known = known_keys()
+    candidates = [*known, *GROUPS, "experiment"]
+    choices, partial = [], []
     for override in parsed:
         key = override.key_or_group
         root = key.split(".")[0].split("/")[0]
         if root in SELECTORS and ("." not in key or root == "hydra"):
-            continue  # a group choice (model=resnet50, +experiment=linear) or Hydra's own settings
-        if key not in known:
+            choices.append(override.input_line)  # a group choice (model=resnet50, +experiment=linear) or Hydra's own settings
+        elif key not in known:
             text = override.input_line or key
-            return (f"{text}: {key} is not a key of this runner{nearest(key, list(known))}. "
-                    "See every key with: python -m runner --help")
+            return f"{text}: {key} is not a key of this runner{nearest(key, candidates)}. See every key with: python -m runner --help"
+        elif known[key] and not override.is_add() and not override.is_force_add():
+            partial.append(override)  # a key of some options of its group only (optimizer.momentum: sgd's)
+    return _chosen_option_lacks(partial, [c for c in choices if not c.startswith(("hydra", "+hydra", "~hydra"))], known)
+
+
+def _chosen_option_lacks(partial: list[Any], choices: list[str], known: dict[str, set[str]]) -> str | None:
+    """For keys of only some options of their group, whether the options these ``choices`` compose have them.
+
+    Hydra would answer with "To append to your config use +key=value", which trains with a key
+    the chosen option ignores; composing the group choices alone (a fraction of a second, only
+    when such a key is given) tells which option each group gets, e.g. the optimizer a model picks.
+    """
+    if not partial:
+        return None
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from runner.config.schema import conf_dir
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            cfg = compose("config", overrides=choices)
+    except Exception:  # noqa: BLE001 - a wrong group choice: Hydra's own message names the options
+        return None
+    finally:
+        GlobalHydra.instance().clear()
+    for override in partial:
+        group, chosen = override.key_or_group.split(".")[0], _option(cfg, override.key_or_group)
+        if chosen is not None and chosen not in known[override.key_or_group]:
+            return (f"{override.input_line}: {override.key_or_group} is not a key of {group}={_choice(cfg, group)}, which this "
+                    f"command composes: only {_options_with(group, known[override.key_or_group])} take it. Choose that, or remove it.")
     return None
 
 
@@ -97,8 +130,8 @@ def check_composed(cfg: DictConfig) -> None:
         if owners and chosen is not None and chosen not in owners:
             group = key.split(".")[0]
             raise ConfigError(
-                f"{key} is not a key of {group}={_choice(cfg, group)}: it belongs to the schema {', '.join(sorted(owners))} "
-                f"of another {group} option. Remove it, or choose that {group} (python -m runner {group}=<option> --help shows its keys)."
+                f"{key} is not a key of {group}={_choice(cfg, group)}: only {_options_with(group, owners)} take it. "
+                f"Remove it, or choose that (python -m runner {group}=<option> --help shows its keys)."
             )
 
 
@@ -155,3 +188,14 @@ def check_ignored(run: Any, overrides: list[str], sweep_job: bool = False) -> No
             if not sweep_job:
                 raise ConfigError(message)
             log.warning("%s", message)
+
+
+def _options_with(group: str, schemas: set[str]) -> str:
+    """The group's options (conf/<group>/*.yaml) whose schema is one of ``schemas``, as ``model=resnet50, model=vgg16``."""
+    from runner.config.schema import conf_dir
+
+    options = sorted(
+        path.stem for path in (conf_dir() / group).glob("*.yaml")
+        if any(f"/schema/{group}/{schema}@" in path.read_text() for schema in schemas)
+    )
+    return ", ".join(f"{group}={option}" for option in options) or f"other {group} options"
