@@ -3,7 +3,7 @@
 A run killed outright (SIGKILL, the out-of-memory killer, a power cut) leaves its MLflow run
 RUNNING and may leave half-written files, lock files and cache entries that no run will read
 again. A run opening the store closes the dead runs of its own host
-(:func:`runner.track.store.close_dead_runs`); this command finds, across all experiments and caches:
+(:func:`runner.track.lease.close_dead_runs`); this command finds, across all experiments and caches:
 
 - stale runs: RUNNING runs whose lease has expired (runner.track.lease: no heartbeat for the lease's
   length, or a free folder lock), on any host, and silent for ``--older-than`` when given; a

@@ -9,9 +9,10 @@ stopping (``model.stop_training``), keeps the best epoch, whose weights are load
 the classifier after the last phase, and writes the checkpoint from which ``resume=<run id>``
 continues the run in either phase (:func:`save_checkpoint`).
 
-What a phase fits and on which batches comes from runner.train.frozen: by default the frozen
-layers run once per image and the trainable rest of the classifier trains on their stored
-output (``trainer.cache_frozen_features``), with the same results as the plain path.
+:func:`fit` reads as the guide does: build, then per phase freeze, compile, fit. Beside the
+plain ``model.fit`` on image batches sits one shortcut (runner.train.frozen, on by default with
+``trainer.cache_frozen_features``): the frozen layers run once per image and the classifier's
+trainable rest fits on their stored output, with the same results as the plain path.
 ``trainer.precision=bf16-mixed`` builds the model under Keras' ``mixed_bfloat16`` policy.
 """
 
@@ -48,10 +49,10 @@ from runner.track.tracking import Tracker  # noqa: E402
 from runner.train.augment import augment  # noqa: E402
 from runner.train.class_weights import class_weights  # noqa: E402
 from runner.train.epochs import Epochs  # noqa: E402
-from runner.train.frozen import PhaseInputs, feature_store  # noqa: E402
+from runner.train.frozen import FrozenShortcut  # noqa: E402
 from runner.train.frozen.cut import CutModel  # noqa: E402
 from runner.train.frozen.store import FeatureStore  # noqa: E402
-from runner.train.frozen.tfdata import batch_rows, batches  # noqa: E402
+from runner.train.frozen.tfdata import batch_rows, batch_seeds, batches  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -79,23 +80,22 @@ def check(run: RunConfig) -> None:
 class KerasModel:
     """A trained Keras classifier with what evaluation and MLflow need.
 
-    With ``cut`` and ``store`` (the last phase trained on stored frozen output), the frozen
-    prefix's output for the images to predict comes from the store too (computed once, then
-    read by every later run on the same images and frozen layers); the trainable rest runs on
-    it: the same probabilities as the whole model, up to float rounding.
+    ``shortcut``: when the last phase trained on the stored output of the frozen layers, the
+    images to predict go that way too (their frozen output computed once, then read by every
+    later run on the same images and layers): the same probabilities as the whole model, up to float rounding.
     """
 
     model: keras.Model
     batch_size: int
     history: list[dict[str, Any]]
-    cut: CutModel | None = None
-    store: FeatureStore | None = None
+    shortcut: FrozenShortcut | None = None
 
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
         """Class probabilities of raw pixels (N, H, W, 3), uint8 or float, values 0..255."""
-        features = self.store.features(self.cut.prefix, images, "predict") if self.cut and self.store else None
-        model, inputs = (self.model, images) if features is None else (self.cut.rest, features)
-        return model.predict(batches(inputs, None, batch_rows(len(images), self.batch_size)), verbose=0)
+        probs = self.shortcut.predict_proba(images) if self.shortcut else None
+        if probs is None:
+            probs = self.model.predict(batches(images, None, batch_rows(len(images), self.batch_size)), verbose=0)
+        return probs
 
     def log_model(self, tracker: Tracker, example: np.ndarray) -> str:
         """Log with mlflow.tensorflow, which saves the Keras model in its .keras format.
@@ -286,7 +286,7 @@ def fit(run: RunConfig, data: DataSplits, tracker: Tracker, epochs: Epochs, resu
     )
     phases = plan(run, base)
     tracker.log_params({"device": "gpu" if tf.config.list_physical_devices("GPU") else "cpu", "base_layers": len(base.layers)})
-    inputs = phase_inputs(run, model, base, data, phases, tracker)
+    shortcut = frozen_shortcut(run, model, base, data, phases, tracker)
     weights = class_weights(data.train.labels, data.classes, run.trainer.class_weights, tracker)
     checkpoint = read_checkpoint(resume_from / CHECKPOINT) if resume_from else None
     epochs.rewind(checkpoint.epoch if checkpoint else 0, resume_from)
@@ -295,17 +295,16 @@ def fit(run: RunConfig, data: DataSplits, tracker: Tracker, epochs: Epochs, resu
         if left == 0:  # completed (or stopped early) before the interruption
             continue
         done = epochs.history[-1]["step"] if epochs.history else 0  # early stopping may have ended a phase before its last epoch
+        span = range(done + 1, done + left + 1)
         freeze(base, phase.freeze_depth)
         compile_model(model, run.optimizer, phase.lr)
         if checkpoint:
             checkpoint.restore(model, optimizer=left < phase.epochs)
             log.info("resuming after epoch %d (%s phase) from the checkpoint of run %s", done, checkpoint.phase, tracker.run_id)
             checkpoint = None
-        fitted, train, val = inputs.for_phase(first=number == 1, last=number == len(phases), epochs=range(done + 1, done + left + 1))
-        log_phase(tracker, number, len(phases), phase, model, base, inputs.cut)
-        fitted.fit(
-            train,
-            validation_data=val,
+        cut = shortcut.begin_phase(first=number == 1, last=number == len(phases)) if shortcut else None
+        log_phase(tracker, number, len(phases), phase, model, base, cut)
+        fit_args = dict(
             initial_epoch=done,
             epochs=done + left,
             steps_per_epoch=math.ceil(len(data.train) / run.trainer.batch_size),  # one pass over the phase's epochs
@@ -314,22 +313,37 @@ def fit(run: RunConfig, data: DataSplits, tracker: Tracker, epochs: Epochs, resu
             verbose=1 if run.trainer.progress else 0,
             class_weight=None if weights is None else dict(enumerate(weights.tolist())),
         )
+        if cut is not None:
+            shortcut.fit(span, **fit_args)  # the trainable rest on the frozen layers' stored output: the same epochs, faster
+        else:
+            train, val = image_batches(run, data, span)
+            model.fit(train, validation_data=val, **fit_args)  # the plain path: every layer, every epoch
     epochs.finish(model.load_weights)  # the classifier's layers, which the trainable rest fitted on stored output shares
-    return KerasModel(model, run.trainer.batch_size, epochs.history, inputs.cut, inputs.store)
+    return KerasModel(model, run.trainer.batch_size, epochs.history, shortcut if shortcut and shortcut.cut else None)
 
 
-def phase_inputs(run: RunConfig, model: keras.Model, base: keras.Model, data: DataSplits, phases: list[Phase], tracker: Tracker) -> PhaseInputs:
-    """What each phase fits on: the stored frozen-layer output (trainer.cache_frozen_features), or
-    the images through every layer, which augmentation needs (their stored output holds them unchanged)."""
-    cached = run.trainer.cache_frozen_features and not run.augment.enabled
-    if run.trainer.cache_frozen_features and not cached:
+def image_batches(run: RunConfig, data: DataSplits, epochs: range) -> tuple[tf.data.Dataset, tf.data.Dataset]:
+    """Train batches of ``epochs`` (epoch e's order drawn from (seed, e), augmented when augment is on) and val batches."""
+    size = run.trainer.batch_size
+    changes = functools.partial(augment, cfg=run.augment) if run.augment.enabled else None
+    seeds = batch_seeds(len(data.train), size, run.seed, epochs) if changes else None
+    train = batches(data.train.images, data.train.labels, batch_rows(len(data.train), size, run.seed, epochs), changes, seeds)
+    return train, batches(data.val.images, data.val.labels, batch_rows(len(data.val), size))
+
+
+def frozen_shortcut(run: RunConfig, model: keras.Model, base: keras.Model, data: DataSplits, phases: list[Phase], tracker: Tracker) -> FrozenShortcut | None:
+    """The frozen layers' stored output to train on (trainer.cache_frozen_features), or None for the plain path,
+    which augmentation needs (the stored output holds the images unchanged)."""
+    if not run.trainer.cache_frozen_features:
+        return None
+    if run.augment.enabled:
         log.info("augment=%s: training goes through the frozen layers every epoch (trainer.cache_frozen_features is ignored: "
                  "their stored output holds the images unchanged)", run.augment.name)
         tracker.log_params({"frozen_features": "through the layers: augment is on"})
-    store = feature_store(cached, run.trainer.feature_cache_dir, run.trainer.feature_cache_gb, run.trainer.batch_size, run.trainer.progress)
-    changes = functools.partial(augment, cfg=run.augment) if run.augment.enabled else None
+        return None
+    store = FeatureStore(Path(run.trainer.feature_cache_dir), run.trainer.feature_cache_gb, run.trainer.batch_size, run.trainer.progress)
     fine_tune_depth = phases[-1].freeze_depth if len(phases) > 1 else None
-    return PhaseInputs(model, base, data, run.trainer.batch_size, run.seed, store, fine_tune_depth, changes)
+    return FrozenShortcut(model, base, data, run.trainer.batch_size, run.seed, store, fine_tune_depth)
 
 
 def log_phase(tracker: Tracker, number: int, count: int, phase: Phase, model: keras.Model, base: keras.Model, cut: CutModel | None) -> None:
