@@ -107,7 +107,7 @@ def test_store_that_fills_mid_run_is_closed_by_the_next_run(mount, cli, store, d
 
     result = cli(f"tracking.uri={uri}", "trainer.epochs=1")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(statuses(uri)) == ["FINISHED", "KILLED" if unmarked else "FAILED"]  # the next run closed it
+    assert sorted(statuses(uri)) == sorted(["FINISHED", "KILLED" if unmarked else "FAILED"])  # the next run closed it (or it was FAILED)
 
 
 @pytest.mark.parametrize("key", ["hydra.run.dir", "hydra.sweep.dir"])
