@@ -138,8 +138,7 @@ def decode_bytes(img: Image.Image, size: int) -> int:
     Its pixels as stored, plus the conversion's: the 8-bit RGB copy; an RGBA copy too when it
     has transparency; for 16-bit, 32-bit and float gray, :func:`_gray8`'s float64 arrays. An
     EXIF turn's copy of the stored pixels never takes more than the conversion. Plus the image
-    at size x size. Measured here on 6000 x 6000 PNGs: 8.2 bytes per pixel for RGB (estimate 8),
-    12 for RGBA (12), 5.2 for L (5), 26 for 16-bit gray (26).
+    at size x size.
     """
     pixels = img.width * img.height
     mode = ImageMode.getmode(img.mode)

@@ -22,13 +22,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from runner.config.schema import _SCHEMAS, RunConfig
+from runner.config.schema import _SCHEMAS, RunConfig, conf_dir
 from runner.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 GROUPS = ("dataset", "model", "optimizer", "augment")  # RunConfig fields whose schema is the chosen option's
-SELECTORS = ("experiment", "hydra", "dataset", "model", "optimizer", "augment")  # group choices: ``model=resnet50``, ``+experiment=...``
+SELECTORS = ("experiment", "hydra", *GROUPS)  # group choices: ``model=resnet50``, ``+experiment=...``
 
 
 def _fields(cls: type, prefix: str) -> dict[str, set[str]]:
@@ -99,8 +99,6 @@ def _chosen_option_lacks(partial: list[Any], choices: list[str], known: dict[str
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from runner.config.schema import conf_dir
-
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
@@ -139,10 +137,9 @@ def _leaves(node: dict[str, Any], prefix: str = "") -> list[str]:
     """The dotted keys of a config's values (Hydra's own node aside)."""
     keys = []
     for name, value in node.items():
-        if isinstance(value, dict) and value and not (prefix == "" and name == "hydra"):
-            keys += _leaves(value, f"{prefix}{name}.")
-        elif not (prefix == "" and name == "hydra"):
-            keys.append(f"{prefix}{name}")
+        if prefix == "" and name == "hydra":
+            continue
+        keys += _leaves(value, f"{prefix}{name}.") if isinstance(value, dict) and value else [f"{prefix}{name}"]
     return keys
 
 
@@ -192,8 +189,6 @@ def check_ignored(run: Any, overrides: list[str], sweep_job: bool = False) -> No
 
 def _options_with(group: str, schemas: set[str]) -> str:
     """The group's options (conf/<group>/*.yaml) whose schema is one of ``schemas``, as ``model=resnet50, model=vgg16``."""
-    from runner.config.schema import conf_dir
-
     options = sorted(
         path.stem for path in (conf_dir() / group).glob("*.yaml")
         if any(f"/schema/{group}/{schema}@" in path.read_text() for schema in schemas)

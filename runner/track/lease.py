@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 HOST_TAG, PROCESS_TAG, STARTED_TAG = "runner.host", "runner.pid", "runner.started"
 SWEEP_ROLE_TAG, SWEEP_PARENT_ROLE = "sweep_role", "sweep_parent"  # the sweep_role tag of a sweep's parent run
-LEASE_TAG, LEASE_S_TAG, HEARTBEAT_TAG = "runner.track.lease", "runner.lease_s", "runner.heartbeat"
+LEASE_TAG, LEASE_S_TAG, HEARTBEAT_TAG = "runner.lease", "runner.lease_s", "runner.heartbeat"
 FOLDER_TAG = "output_dir"  # the run's output folder on its machine (runner.app.run_spec)
 ENDED = "ended"  # the heartbeat of a run whose process gave its lease back
 DEFAULT_LEASE_S = 60.0  # a SIGKILLed run is closable this long after its last beat

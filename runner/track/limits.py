@@ -10,7 +10,6 @@ a path over the file system's limits is a traceback wherever it is first used.
 from __future__ import annotations
 
 import os
-import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_EXPERIMENT_NAME_L
 from runner.config.redact import redact
 from runner.errors import ConfigError
 from runner.track.files import absolute_path
+from runner.track.lease import join_overrides
 from runner.track.store import sqlite_file
 
 RUN_NAME_LENGTH = 250  # the name column of MLflow's runs table (runner.track.tracking cuts a longer name)
@@ -54,7 +54,7 @@ def check_limits(run_cfg_flat: Mapping[str, Any], overrides: Sequence[str] = ())
                 f"{key} is {len(logged)} characters ({_shown(logged)}), over MLflow's limit of {MAX_PARAM_VAL_LENGTH} "
                 "for a param value: MLflow would log it cut short, and resume= of the run would then refuse it as changed"
             )
-    tag = shlex.join(redact(override) for override in overrides)  # the longest form the tag takes (each override quoted)
+    tag = redact(join_overrides(list(overrides)))  # the overrides tag as runner.track.tracking writes it
     if len(tag) > MAX_TAG_VAL_LENGTH:
         problems.append(
             f"the overrides are {len(tag)} characters together, over MLflow's limit of {MAX_TAG_VAL_LENGTH} for a tag value "

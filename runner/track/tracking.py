@@ -32,6 +32,7 @@ from runner.config.redact import redact, redact_all
 from runner.errors import ConfigError, StorageError
 from runner.track import interrupt, system_metrics
 from runner.track.lease import SWEEP_PARENT_ROLE, Lease, join_overrides, process_tags, refuse_if_alive
+from runner.track.limits import RUN_NAME_LENGTH
 from runner.track.store import absolute_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -279,17 +280,16 @@ def start_run(cfg: DictConfig, spec: RunSpec) -> Iterator[Tracker]:
         tags["sweep_id"] = spec.sweep
     if spec.sweep_parent is not None:
         tags["mlflow.parentRunId"] = spec.sweep_parent
+    lease = Lease(mlflow.get_tracking_uri(), Path(spec.tags["output_dir"]) if "output_dir" in spec.tags else None)
     # System metrics: the runner's monitor (runner.track.system_metrics), never a second one from MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.
-    folder = Path(spec.tags["output_dir"]) if "output_dir" in spec.tags else None
     if spec.resume is None:
-        lease = Lease(mlflow.get_tracking_uri(), folder)
         active = mlflow.start_run(
-            experiment_id=spec.experiment_id, run_name=redact(spec.name)[:250], tags={k: redact(str(v)) for k, v in {**tags, **process_tags(), **lease.tags()}.items()},
+            experiment_id=spec.experiment_id, run_name=redact(spec.name)[:RUN_NAME_LENGTH], tags={k: redact(str(v)) for k, v in {**tags, **process_tags(), **lease.tags()}.items()},
             nested=mlflow.active_run() is not None, log_system_metrics=False,  # nested: a cross-validation fold inside its parent run
         )
     else:
+        # prepare_resume checked this before the data loaded; another process may have taken the run since
         refuse_if_alive(mlflow.MlflowClient().get_run(spec.resume), f"resume={spec.resume}: that run")
-        lease = Lease(mlflow.get_tracking_uri(), folder)
         active = mlflow.start_run(run_id=spec.resume, log_system_metrics=False)
         mlflow.set_tags({**process_tags(), **lease.tags()})  # the run now lives in this process
     lease.hold(active.info.run_id)
