@@ -44,6 +44,12 @@ def request(reason: str) -> None:
     _requested = reason
 
 
+def clear() -> None:
+    """Forget a stop request: a second command run in the same interpreter starts unstopped."""
+    global _requested
+    _requested = None
+
+
 def requested() -> str | None:
     """Why a stop was requested (e.g. ``SIGINT``), or None."""
     return _requested

@@ -93,13 +93,22 @@ def client(store: dict[str, str]) -> mlflow.MlflowClient:
 
 @pytest.fixture
 def cli(store: dict[str, str], data_cache: Path, tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
-    """Run ``python -m runner`` in a subprocess, in tmp, against the tmp store (``env``: more variables)."""
+    """Run ``python -m runner`` in tmp against the tmp store (``env``: more variables).
 
-    def _run(*args: str, tiny: bool = True, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    In this interpreter (services.run_in_process: the same entry point, without a second's
+    imports per call); ``process=True`` starts a fresh interpreter, for what only a process
+    shows (which modules it imports, native libraries' output, signals).
+    """
+
+    def _run(*args: str, tiny: bool = True, timeout: float = 600, env: dict[str, str] | None = None,
+             process: bool = False) -> subprocess.CompletedProcess:
         env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"], "CRACK_RUNNER_DATA": str(data_cache), **(env or {})}
         flags = [a for a in args if a.startswith("-")]  # Hydra wants -m and --help before the overrides
         overrides = [a for a in args if not a.startswith("-")]
-        cmd = [sys.executable, "-m", "runner", *flags, *(TINY if tiny else []), f"tracking.artifact_root={store['artifacts']}", *overrides]
+        argv = [*flags, *(TINY if tiny else []), f"tracking.artifact_root={store['artifacts']}", *overrides]
+        if not process:
+            return services.run_in_process(argv, tmp_path, env)
+        cmd = [sys.executable, "-m", "runner", *argv]
         return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
 
     return _run

@@ -11,7 +11,11 @@ their databases) is touched.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import glob
+import io
+import logging
 import os
 import pwd
 import secrets
@@ -22,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -276,3 +281,93 @@ def start_ray_cluster(node_envs: list[dict[str, str]], timeout: float = 120) -> 
             cluster.stop()
             raise Unavailable(f"a Ray node could not start: {str(err)[-1500:]}") from None
     return cluster
+
+
+def run_in_process(args: list[str], cwd: Path, env: dict[str, str], module: str = "runner") -> subprocess.CompletedProcess:
+    """``python -m <module> *args`` in this interpreter: its exit status, stdout and stderr, as a subprocess gives them.
+
+    The same entry point (``runner.__main__.cli``, or the ``main(argv)`` of ``runner.compare``,
+    ``runner.doctor``, ``runner.predict``) with the same argv, environment and working folder,
+    minus the seconds a fresh interpreter spends importing torch and MLflow. What the
+    command changes in the process (environment, folder, logging, signal handlers, Hydra's
+    and the runner's globals) is put back afterwards. An exception that escapes prints its
+    traceback and exits 1, as the interpreter would. Tests of what only a process shows
+    (imports, native libraries' output, signals, exit codes of a killed run) use a subprocess.
+    """
+    import importlib
+    import signal as signals
+
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from runner.track import interrupt
+
+    entry = importlib.import_module("runner.__main__" if module == "runner" else module)
+
+    forget_sqlite_engines()  # the command opens its stores afresh, as a new process would
+    saved_env, saved_cwd, saved_argv = dict(os.environ), os.getcwd(), sys.argv
+    root = logging.getLogger()
+    saved_logging = {name: (lg.handlers[:], lg.level, lg.propagate, lg.filters[:]) for name, lg in logging.Logger.manager.loggerDict.items()
+                     if isinstance(lg, logging.Logger)}
+    saved_root = (root.handlers[:], root.level, root.filters[:])
+    saved_handler_list = logging._handlerList[:]  # type: ignore[attr-defined]
+    saved_signals = {sig: signals.getsignal(sig) for sig in (signals.SIGINT, signals.SIGTERM)}
+    out, err = io.StringIO(), io.StringIO()
+    code: int = 0
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        os.chdir(cwd)
+        sys.argv = [module, *args]
+        root.handlers[:] = []  # as in a fresh interpreter: what is logged before Hydra's logging goes to stderr
+        logging._handlerList[:] = []  # type: ignore[attr-defined]  # Hydra's dictConfig closes every handler in it: not pytest's
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = entry.main(args) if module != "runner" else entry.cli() or 0
+            except SystemExit as stop:
+                code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+            except BaseException:  # noqa: BLE001 - what the interpreter does with an uncaught exception
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.chdir(saved_cwd)
+        sys.argv = saved_argv
+        for name, (handlers, level, propagate, filters) in saved_logging.items():
+            lg = logging.getLogger(name)
+            lg.handlers[:], lg.level, lg.propagate, lg.filters[:] = handlers, level, propagate, filters
+        root.handlers[:], root.level, root.filters[:] = saved_root
+        logging._handlerList[:] = saved_handler_list  # type: ignore[attr-defined]
+        for sig, handler in saved_signals.items():
+            signals.signal(sig, handler)
+        GlobalHydra.instance().clear()
+        HydraConfig.instance().cfg = None  # type: ignore[assignment]  # no job of the command's is running any more
+        interrupt.reset()
+        forget_sqlite_engines()  # and lets go of them, as its exit would
+        stop_joblib_workers()  # a sweep's worker processes keep the environment they started with: not the next command's
+        gc.unfreeze()
+    return subprocess.CompletedProcess(["python", "-m", module, *args], code, out.getvalue(), err.getvalue())
+
+
+def forget_sqlite_engines() -> None:
+    """Close the stores and database engines MLflow keeps per store URI for the life of a process."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    from mlflow.tracking._model_registry.registry import ModelRegistryStoreRegistry
+    from mlflow.tracking._tracking_service.registry import TrackingStoreRegistry
+
+    TrackingStoreRegistry._get_store_with_resolved_uri.cache_clear()
+    ModelRegistryStoreRegistry._get_store_with_resolved_uri.cache_clear()
+
+    with SqlAlchemyStore._engine_map_lock:
+        for engine in SqlAlchemyStore._engine_map.values():
+            engine.dispose()
+        SqlAlchemyStore._engine_map.clear()
+
+
+def stop_joblib_workers() -> None:
+    """Stop the worker processes joblib keeps for reuse (a process's exit would)."""
+    if "joblib.externals.loky" in sys.modules:
+        from joblib.externals.loky import get_reusable_executor
+
+        get_reusable_executor().shutdown(wait=True, kill_workers=True)

@@ -1,4 +1,4 @@
-"""The command line, as a user runs it, in a subprocess."""
+"""The command line, as a user runs it."""
 
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ import mlflow
 import numpy as np
 import pytest
 
+import services
 from conftest import TINY
 from crack_runner.datasets import integrity
 from crack_runner.datasets.decoded import MARKER, SOURCES
@@ -79,8 +80,8 @@ def test_doctor_reports_then_closes_a_killed_run_and_removes_only_unused_leftove
     )
     try:
         assert holder.stdout.readline().strip() == "held"
-        base = [sys.executable, "-m", "runner.doctor", "--tracking-uri", store["uri"], "--cache-dir", str(cache), "--outputs", str(tmp_path / "outputs")]
-        report = subprocess.run(base, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+        base = ["--tracking-uri", store["uri"], "--cache-dir", str(cache), "--outputs", str(tmp_path / "outputs")]
+        report = services.run_in_process(base, tmp_path, env, "runner.doctor")
         assert report.returncode == 0, report.stderr[-3000:]
         out = report.stdout
         assert f"{orphan.info.run_id}  {orphan.info.run_name}: was left RUNNING: process" in out and "no longer holds its folder lock" in out
@@ -94,14 +95,14 @@ def test_doctor_reports_then_closes_a_killed_run_and_removes_only_unused_leftove
         assert "nothing changed (dry run)" in out
         assert client.get_run(orphan.info.run_id).info.status == "RUNNING" and all(p.exists() for p in (older, partial, free_lock))
 
-        fixed = subprocess.run([*base, "--fix", "--other-hosts"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+        fixed = services.run_in_process([*base, "--fix", "--other-hosts"], tmp_path, env, "runner.doctor")
         assert fixed.returncode == 0, fixed.stderr[-3000:]
         assert client.get_run(orphan.info.run_id).info.status == "KILLED"
         assert client.get_run(elsewhere.info.run_id).info.status == "KILLED"
         assert f"Continue it with: python -m runner {' '.join(TINY)}" in fixed.stderr and f"resume={orphan.info.run_id}" in fixed.stderr
         assert not any(p.exists() for p in (older, gone, partial, making, checkpoint, free_lock))
         assert all(p.exists() for p in (decoded, recent, held_lock))
-        assert "0 stale run(s), 0 leftover(s)" in subprocess.run(base, capture_output=True, text=True, cwd=tmp_path, env=env).stdout
+        assert "0 stale run(s), 0 leftover(s)" in services.run_in_process(base, tmp_path, env, "runner.doctor").stdout
     finally:
         holder.kill()
         holder.wait()

@@ -12,8 +12,6 @@ import pytest
 
 from conftest import TINY
 
-NOISE = ("E0000", "I0000", "W0000", "absl::InitializeLog", "oneDNN", "\r", "\x1b[")
-
 
 def run_hiding(module: str, args: list[str], store: dict, data_cache: Path, cwd: Path) -> subprocess.CompletedProcess:
     """``python -m runner args`` in a process where ``module`` cannot be imported, as if its extra were not installed."""
@@ -39,17 +37,6 @@ def test_help_shows_the_users_groups_and_the_keras_keys_not_the_schemas(cli):
     assert result.returncode == 0
     assert "model: linear, resnet50, vgg16" in result.stdout and "schema" not in result.stdout
     assert "freeze_depth" in result.stdout and "model.weights" in result.stdout and "fine_tune_lr" in result.stdout
-
-
-@pytest.mark.slow
-def test_a_keras_run_in_a_pipe_has_no_noise_and_its_results_on_stdout(cli):
-    result = cli("model=resnet50", "model.weights=null", "trainer.progress=true")  # asked for, but not a terminal
-    assert result.returncode == 0, result.stderr[-3000:]
-    for noise in NOISE:
-        assert noise not in result.stderr and noise not in result.stdout, noise
-    assert "MLflow run:" in result.stdout and "test_accuracy" in result.stdout
-    assert "MLflow run:" not in result.stderr  # results on stdout, logs on stderr
-    assert "epoch 1" in result.stderr
 
 
 @pytest.mark.slow

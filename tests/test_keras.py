@@ -146,13 +146,19 @@ def test_fine_tune_lr_trains_the_head_then_the_unfrozen_layers_in_one_run(make_c
 
 
 @pytest.mark.slow
-def test_command_line_resnet50_run_is_tracked_like_linear_and_never_imports_torch(cli, client, monkeypatch):
+def test_command_line_resnet50_run_in_a_pipe_is_quiet_tracked_like_linear_and_never_imports_torch(cli, client, monkeypatch):
     monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")  # the run lists every module it imports on stderr
-    result = cli("model=resnet50", "model.weights=null", "freeze_depth=140")
+    # A process: TensorFlow's native libraries write to its stderr. Progress asked for, but not a terminal.
+    result = cli("model=resnet50", "model.weights=null", "freeze_depth=140", "trainer.progress=true", process=True)
     imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
-    assert result.returncode == 0, "\n".join(line for line in result.stderr.splitlines() if not line.startswith("import time:"))[-3000:]
+    logs = "\n".join(line for line in result.stderr.splitlines() if not line.startswith("import time:"))
+    assert result.returncode == 0, logs[-3000:]
     assert {"tensorflow", "keras"} <= imported
     assert not [name for name in imported if name.split(".")[0] == "torch"]
+    for noise in NOISE:
+        assert noise not in logs and noise not in result.stdout, noise
+    assert "MLflow run:" in result.stdout and "test_accuracy" in result.stdout
+    assert "MLflow run:" not in logs and "epoch 1" in logs  # results on stdout, logs on stderr
 
     found = only_run(client)
     assert found.info.status == "FINISHED" and found.info.run_id in result.stdout + result.stderr
@@ -170,6 +176,10 @@ def test_command_line_resnet50_run_is_tracked_like_linear_and_never_imports_torc
             "plots/learning_curves.png", "plots/confusion_matrix.png"} <= names
     info = mlflow.models.get_model_info(f"runs:/{found.info.run_id}/model")
     assert "tensorflow" in info.flavors and info.signature.inputs.inputs[0].shape == (-1, 32, 32, 3)
+
+
+# What TensorFlow's native libraries and progress bars would put in a log read from a pipe.
+NOISE = ("E0000", "I0000", "W0000", "absl::InitializeLog", "oneDNN", "\r", "\x1b[")
 
 
 # Run by a fresh interpreter, outside the project: loading must not need any of its code.

@@ -88,7 +88,8 @@ def test_sweep_on_a_two_node_ray_cluster(cli, server, as_runner, tmp_path, caplo
     try:
         result = cli("-m", "hydra/launcher=ray_cluster", f"hydra.launcher.ray.init.address={cluster.address}",
                      f"tracking.uri={server.url}", "tracking.experiment=cluster", "optimizer.lr=0.1,0.01",
-                     env={**cluster.env, **server.credentials(), "CRACK_RUNNER_DATA": str(tmp_path / "driver-data")})
+                     env={**cluster.env, **server.credentials(), "CRACK_RUNNER_DATA": str(tmp_path / "driver-data")},
+                     process=True)  # Ray's driver state outlives the command: not in the test's process
     finally:
         cluster.stop()
     assert result.returncode == 0, result.stderr[-5000:]

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import services
 from crack_runner import datasets
 from runner import predict
 from runner.app import run
@@ -41,11 +41,8 @@ def artifact(run_id: str, path: str) -> Path:
 
 
 def predict_cli(store: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    """``python -m runner.predict`` in a subprocess, against the test's store."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"]}
-    return subprocess.run(
-        [sys.executable, "-m", "runner.predict", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
+    """``python -m runner.predict`` (in this interpreter), against the test's store."""
+    return services.run_in_process(list(args), cwd, {**os.environ, "MLFLOW_TRACKING_URI": store["uri"]}, "runner.predict")
 
 
 def test_a_run_logs_readable_plots_and_json(finished_run):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import os
+from pathlib import Path
 
 import mlflow
 import pytest
 
+import services
 from runner import compare
 
 pytestmark = pytest.mark.slow
@@ -19,6 +20,13 @@ def sweep_runs(uri: str, experiment: str = "crack-classification") -> tuple[list
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     parents = [r for r in runs if r.data.tags.get("sweep_role") == "sweep_parent"]
     return parents, [r for r in runs if r not in parents]
+
+
+def compare_cli(cwd: Path, *args: str) -> str:
+    """What ``python -m runner.compare *args`` prints (in this interpreter); it must succeed."""
+    done = services.run_in_process(list(args), cwd, dict(os.environ), "runner.compare")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
 
 
 def assert_grouped(uri: str, n_jobs: int, experiment: str = "crack-classification") -> list:
@@ -53,15 +61,9 @@ def test_multirun_of_three_learning_rates_is_one_group_and_compares(cli, store, 
     assert frame["val_accuracy"].is_monotonic_decreasing and len(frame) == 3
 
     out = tmp_path / "sweep.md"
-    shown = subprocess.run(
-        [sys.executable, "-m", "runner.compare", "--tracking-uri", store["uri"], "--format", "markdown", "--output", str(out)],
-        capture_output=True, text=True, check=True,
-    ).stdout
+    shown = compare_cli(tmp_path, "--tracking-uri", store["uri"], "--format", "markdown", "--output", str(out))
     assert "| optimizer.lr" in shown and out.read_text().count("| FINISHED") == 3
-    csv = subprocess.run(
-        [sys.executable, "-m", "runner.compare", "--tracking-uri", store["uri"], "--format", "csv", "--metric", "test_f1"],
-        capture_output=True, text=True, check=True,
-    ).stdout
+    csv = compare_cli(tmp_path, "--tracking-uri", store["uri"], "--format", "csv", "--metric", "test_f1")
     lines = csv.splitlines()
     assert lines[0].startswith("run_id,status,optimizer.lr,test_f1,") and len(lines) == 4
 
@@ -78,7 +80,8 @@ def test_joblib_runs_four_jobs_in_parallel_without_losing_any(cli, store):
 
 
 def test_ray_launcher_runs_two_jobs(cli, store):
-    result = cli("-m", "hydra/launcher=ray", "+hydra.launcher.ray.init.num_cpus=2", "optimizer.lr=0.01,0.001")
+    result = cli("-m", "hydra/launcher=ray", "+hydra.launcher.ray.init.num_cpus=2", "optimizer.lr=0.01,0.001",
+                 process=True)  # Ray's driver state outlives the command: not in the test's process
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = assert_grouped(store["uri"], 2)
     assert {j.data.params["trainer.num_threads"] for j in jobs} == {"1"}  # one core per Ray task

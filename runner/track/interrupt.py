@@ -35,6 +35,14 @@ def _handler(signum: int, frame: object) -> None:
     log.warning("%s received: stopping at the next safe point (send it again to stop at once)", stopping.requested())
 
 
+def reset() -> None:
+    """Forget the runs and stop of the last command: a second command run in the same interpreter starts afresh."""
+    global _killed_run
+    _opened_runs.clear()
+    _killed_run = None
+    stopping.clear()
+
+
 def opened_run(run_id: str) -> None:
     """Record that this process opened MLflow run ``run_id``, so the final message can say what was recorded."""
     _opened_runs.append(run_id)
