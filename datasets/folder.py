@@ -94,7 +94,7 @@ def decode_image(path: Path, size: int, budget: MemoryBudget | None = None) -> n
 
     Training and ``runner.predict`` both decode through here, so a file looks the same to both.
     The EXIF orientation is applied (photos stored sideways are seen upright). Other modes
-    become 8-bit RGB by :func:`_viewer_rgb`: transparency is composited over white, 16-bit,
+    become 8-bit RGB by :func:`viewer_rgb`: transparency is composited over white, 16-bit,
     32-bit integer and float pixels are scaled to 0..255 rather than clipped (which turned
     16-bit PNGs white). A file over PIL's ``Image.MAX_IMAGE_PIXELS`` guard is refused with a
     reason that says so (PIL itself only warns below twice the guard, and decodes); callers
@@ -109,7 +109,7 @@ def decode_image(path: Path, size: int, budget: MemoryBudget | None = None) -> n
             with budget.hold(decode_bytes(img, size)) if budget is not None else nullcontext():
                 try:
                     ImageOps.exif_transpose(img, in_place=True)  # loads (drafted) pixels, then turns them upright
-                    rgb = _viewer_rgb(img)
+                    rgb = viewer_rgb(img)
                     if rgb.size != (size, size):
                         rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
                     return np.asarray(rgb, dtype=np.uint8)
@@ -214,7 +214,7 @@ class MemoryBudget:
 _WHITE = (255, 255, 255)
 
 
-def _viewer_rgb(img: Image.Image) -> Image.Image:
+def viewer_rgb(img: Image.Image) -> Image.Image:
     """8-bit RGB pixels that look like ``img`` does in a viewer.
 
     Alpha (RGBA, LA, PA, a palette or gray/RGB ``transparency`` entry) is composited over a

@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -116,6 +117,61 @@ def render(seed: int, class_index: int, index: int, size: int = 227) -> Image.Im
     lum *= _uneven_light(rng, size)
     rgb = lum[..., None] * color + rng.normal(0.0, 0.012, (size, size, 3)).astype(np.float32)
     return Image.fromarray((np.clip(rgb, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), "RGB")
+
+
+# --------------------------------------------------------------------- whole photos
+
+PHOTO_TILE = 2 * _REFERENCE_SIZE  # cracks and look-alikes are drawn on tiles of this size, at the patches' scale
+CRACK_CORE = 0.25  # a pixel whose crack core (0..1, blurred stroke) reaches this is crack in a photo's truth mask
+
+
+def render_photo(seed: int, width: int = 2000, height: int = 1500, cracks: int = 3, lookalikes: int = 8) -> tuple[Image.Image, Array]:
+    """A whole photo of a concrete surface, at the patches' scale, and its truth: a bool mask of the crack pixels.
+
+    Why: an inspection maps cracks over a photo many patches wide; judging the map needs a photo
+    whose cracks are known to the pixel. ``cracks`` cracks cross it at random places, and
+    ``lookalikes`` of the features that cause false alarms in practice (formwork joints,
+    scratches, sharp stains, shadow edges, pore clusters) lie elsewhere, drawn as the patches'
+    are. The same arguments always give the same photo.
+    """
+    rng = np.random.default_rng([seed, len(CLASS_NAMES), width, height])  # a stream of its own, apart from the patches'
+    size = max(width, height)
+    lum = _concrete_surface(rng, size, brightness=0.72 + rng.normal(0.0, 0.03))
+    color = np.ones((height, width, 3), np.float32) * _base_tint(rng)
+    _add_pores(rng, lum, 1.0, count=int(rng.integers(10, 70) * size**2 / _REFERENCE_SIZE**2))
+    for k in range(lookalikes // 4):  # joints and shadow edges run across the whole photo
+        (_formwork_line, _shadow_edge)[k % 2](rng, lum, None, 1.0)
+    lum = lum[:height, :width].copy()
+    truth = np.zeros((height, width), bool)
+    local = (_scratches, _sharp_stain, _pore_cluster)  # the others are local marks: drawn on a tile, placed
+    for k in range(lookalikes - lookalikes // 4):
+        _on_tile(rng, lum, color, lambda tile_lum, tile_color, k=k: local[k % len(local)](rng, tile_lum, tile_color, 1.0))
+    for _ in range(cracks):
+        core = _on_tile(rng, lum, color, lambda tile_lum, tile_color: _add_crack(rng, tile_lum, 1.0))
+        truth[core.region] |= core.value > CRACK_CORE
+    light = _uneven_light(rng, size)[:height, :width]
+    rgb = (lum * light)[..., None] * color + rng.normal(0.0, 0.012, (height, width, 3)).astype(np.float32)
+    return Image.fromarray((np.clip(rgb, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), "RGB"), truth
+
+
+class _Placed(NamedTuple):
+    region: tuple[slice, slice]
+    value: Array
+
+
+def _on_tile(rng: np.random.Generator, lum: Array, color: Array, draw: Callable[[Array, Array], Array | None]) -> _Placed:
+    """Run ``draw`` on a blank tile and multiply what it did into a random place of the photo (clipped at its edges)."""
+    height, width = lum.shape
+    tile_lum = np.ones((PHOTO_TILE, PHOTO_TILE), np.float32)
+    tile_color = np.ones((PHOTO_TILE, PHOTO_TILE, 3), np.float32)
+    drawn = draw(tile_lum, tile_color)
+    x = int(rng.integers(-PHOTO_TILE // 4, max(1, width - 3 * PHOTO_TILE // 4)))
+    y = int(rng.integers(-PHOTO_TILE // 4, max(1, height - 3 * PHOTO_TILE // 4)))
+    photo = (slice(max(y, 0), min(y + PHOTO_TILE, height)), slice(max(x, 0), min(x + PHOTO_TILE, width)))
+    tile = (slice(photo[0].start - y, photo[0].stop - y), slice(photo[1].start - x, photo[1].stop - x))
+    lum[photo] *= tile_lum[tile]
+    color[photo] *= tile_color[tile]
+    return _Placed(photo, drawn[tile] if drawn is not None else tile_lum[tile])
 
 
 # --------------------------------------------------------------------- orchestration
@@ -350,8 +406,8 @@ def _add_pores(
 # --------------------------------------------------------------------- cracks
 
 
-def _add_crack(rng: np.random.Generator, lum: Array, scale: float) -> None:
-    """A jagged crack of random width and length, often branched, dark inside with soft edges."""
+def _add_crack(rng: np.random.Generator, lum: Array, scale: float) -> Array:
+    """A jagged crack of random width and length, often branched, dark inside with soft edges; returns where it is (0..1)."""
     size = lum.shape[0]
     mask = _Mask(size)
     length = rng.uniform(0.5, 1.6) * size
@@ -367,6 +423,7 @@ def _add_crack(rng: np.random.Generator, lum: Array, scale: float) -> None:
     core = mask.array(blur=rng.uniform(0.3, 0.8) * scale)
     halo = mask.array(blur=rng.uniform(4.0, 10.0) * scale)
     lum *= (1.0 - depth * core) * (1.0 - 0.8 * depth * np.minimum(1.0, 3.0 * halo))
+    return core
 
 
 def _grow_crack(
@@ -491,4 +548,5 @@ def _half_plane(size: int, point: Array, direction: Array, softness: float) -> A
     """1 on one side of the line through point along direction, 0 on the other, soft edge."""
     y, x = np.mgrid[0:size, 0:size].astype(np.float32)
     distance = (x - point[0]) * direction[1] - (y - point[1]) * direction[0]
-    return (1.0 / (1.0 + np.exp(-distance / softness))).astype(np.float32)
+    with np.errstate(over="ignore"):  # far on the dark side exp overflows to inf: the value is 0, as it should be
+        return (1.0 / (1.0 + np.exp(-distance / softness))).astype(np.float32)

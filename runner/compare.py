@@ -28,6 +28,7 @@ from tabulate import tabulate
 
 from runner.config.redact import command_logging, redact
 from runner.config.schema import MINIMISED
+from runner.deploy.onnx_export import export_champion
 from runner.errors import USER_ERRORS, RunnerError
 from runner.track.lease import SWEEP_PARENT_ROLE, split_overrides
 from runner.track.registry import Champion, register_champion
@@ -192,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         text = render(table(runs, args.metric), args.format)
         drawn = write_curves(runs, args.metric, args.curves, args.tracking_uri) if args.curves else 0
         champion = register_best(runs, args.metric, args.register, args.tracking_uri) if args.register else None
+        if champion is not None:
+            export_champion(champion.run_id)
     except USER_ERRORS as err:
         print(f"error: {redact(str(err))}", file=sys.stderr)
         return 2

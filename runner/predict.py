@@ -27,8 +27,9 @@ from tabulate import tabulate
 
 from crack_runner.datasets.folder import IMAGE_SUFFIXES, decode_image
 from runner.config.redact import command_logging
+from runner.deploy import runtime as runtimes
 from runner.errors import USER_ERRORS, ConfigError, DataError
-from runner.track.safe_load import PICKLE_VARIABLE, load_model
+from runner.track.safe_load import PICKLE_VARIABLE
 
 log = logging.getLogger("runner.predict")
 
@@ -42,6 +43,7 @@ class LoggedModel:
     uri: str
     classes: list[str]
     image_size: int
+    run_id: str | None = None  # the run that logged it (where its ONNX exports are), None for a model folder
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,7 @@ def describe(ref: str, tracking_uri: str) -> LoggedModel:
         raise ConfigError(
             f"the model {uri!r} does not take square RGB images (its input is {inputs}): it was not logged by this runner."
         )
-    return LoggedModel(uri, list(classes), int(shape[1]))
+    return LoggedModel(uri, list(classes), int(shape[1]), info.run_id)
 
 
 def decode(files: Sequence[Path], image_size: int) -> np.ndarray:
@@ -131,12 +133,15 @@ def decode(files: Sequence[Path], image_size: int) -> np.ndarray:
     return np.stack(decoded).astype(np.float32)
 
 
-def predict(logged: LoggedModel, files: Sequence[Path], batch_size: int = 64, allow_pickle: bool = False) -> list[Prediction]:
+def predict(logged: LoggedModel, files: Sequence[Path], batch_size: int = 64, allow_pickle: bool = False,
+            runtime: str | None = "native") -> list[Prediction]:
     """The most probable class of each image file and its probability; a batch at a time, so any folder fits in memory.
 
     ``allow_pickle``: load the model even if that unpickles (otherwise refused, see runner.track.safe_load).
+    ``runtime``: native, onnx or onnx-int8 (runner.deploy.runtime); None: the fastest the model has.
     """
-    model = load_model(logged.uri, allow_pickle)
+    model = runtimes.load(logged.uri, logged.run_id, runtime, allow_pickle)
+    log.info("predicting with the %s runtime", model.name)
     predictions: list[Prediction] = []
     for start in range(0, len(files), batch_size):
         batch = files[start : start + batch_size]
@@ -162,6 +167,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"MLflow store of the run (default: $MLFLOW_TRACKING_URI, else {DEFAULT_TRACKING_URI})",
     )
     parser.add_argument("--batch-size", type=int, default=64, help="images per model call (default: %(default)s)")
+    parser.add_argument("--runtime", choices=runtimes.RUNTIMES,
+                        help="native (the logged model), onnx or onnx-int8 (python -m runner.export makes them); default: the fastest the model has")
     parser.add_argument(
         "--allow-pickle",
         action="store_true",
@@ -185,6 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Print one line per image (or JSON); a user error is one message on stderr and exit status 2."""
     args = parse_args(argv)
     command_logging(logging.WARNING, "%(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)  # the runtime used, on stderr beside the warnings
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         files = image_files(args.images)
@@ -193,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps({"inputs": decode(files, logged.image_size).tolist()}))
             return 0
         with contextlib.redirect_stdout(sys.stderr):  # stdout is the result: frameworks' progress bars go to stderr
-            predictions = predict(logged, files, args.batch_size, args.allow_pickle)
+            predictions = predict(logged, files, args.batch_size, args.allow_pickle, args.runtime)
     except USER_ERRORS as err:
         log.error("%s", err)
         return 2

@@ -31,6 +31,7 @@ TINY = [
     "trainer.epochs=2",
     "trainer.batch_size=8",
     "trainer.progress=false",
+    "export.onnx=false",  # made by default for the linear model; tests/test_export.py makes and checks them
 ]
 
 
@@ -82,7 +83,7 @@ def imbalanced_folder(tmp_path: Path) -> list[str]:
         for i in range(count):
             Image.fromarray(np.clip(rng.normal(level, 30, (32, 32, 3)), 0, 255).astype(np.uint8)).save(tmp_path / "imbalanced" / name / f"{i}.png")
     return ["dataset=image_folder", f"dataset.path={tmp_path / 'imbalanced'}", "dataset.image_size=32",
-            "dataset.val_fraction=0.2", "dataset.test_fraction=0.2", *(o for o in TINY if o.startswith("trainer."))]
+            "dataset.val_fraction=0.2", "dataset.test_fraction=0.2", *(o for o in TINY if o.startswith(("trainer.", "export.")))]
 
 
 @pytest.fixture

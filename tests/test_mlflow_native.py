@@ -23,6 +23,7 @@ from crack_runner import datasets
 from runner import compare, predict
 from runner.app import run
 from runner.config.schema import to_run_config
+from runner.deploy import runtime
 from runner.track import lineage
 from runner.track.store import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, experiment_id, open_store
 from services import free_port
@@ -145,7 +146,8 @@ def test_the_best_run_becomes_the_champion_that_predict_and_serve_load(client, s
     records = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=source.info.run_id, artifact_path="test_predictions.json")).read_text())
     root = datasets.resolve_root(to_run_config(make_cfg()).dataset)
     files = [str(root / r["file"]) for r in records]
-    assert predict.main(["models:/cracks@champion", *files, "--json", "--tracking-uri", store["uri"]]) == 0
+    assert set(runtime.exports(source.info.run_id)) == {"onnx", "onnx-int8"}  # the champion goes to the field: exported as it was registered
+    assert predict.main(["models:/cracks@champion", *files, "--json", "--runtime", "native", "--tracking-uri", store["uri"]]) == 0
     predicted = json.loads(capsys.readouterr().out)
     assert [p["predicted"] for p in predicted] == [r["predicted"] for r in records]
     assert [p["probability"] for p in predicted] == pytest.approx([r["probability"] for r in records], abs=1e-4)

@@ -390,6 +390,25 @@ class TrackingConfig:
 
 
 @dataclass
+class ExportConfig:
+    """ONNX exports made when a run ends (runner.deploy.onnx_export); ``python -m runner.export`` makes them later."""
+
+    onnx: Optional[bool] = how()  # null: by framework (the linear model yes, Keras runs no: two more copies of ResNet50 a trial)
+    int8: bool = how()
+    max_accuracy_drop: float = how()
+    calibration_images: int = how()
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.max_accuracy_drop < 1, "export.max_accuracy_drop", "in [0, 1) (test accuracy, as a fraction)",
+               self.max_accuracy_drop, 0.005)
+        _int_range("export.calibration_images", self.calibration_images, 1, None, 256)
+
+    def wanted(self, framework: str) -> bool:
+        """Whether a run of ``framework`` exports when it ends."""
+        return self.onnx if self.onnx is not None else framework == "torch"
+
+
+@dataclass
 class RunConfig:
     """The whole run. ``freeze_depth`` and ``fine_tune_lr`` only mean something for Keras models."""
 
@@ -404,6 +423,7 @@ class RunConfig:
     resume: Optional[str] = how()
     trainer: TrainerConfig = MISSING
     tracking: TrackingConfig = MISSING
+    export: ExportConfig = MISSING
 
     def __post_init__(self) -> None:
         if self.model.framework != "keras":
@@ -459,6 +479,17 @@ def register_schemas() -> None:
     for group, schemas in _SCHEMAS.items():
         for name, node in schemas.items():
             cs.store(group=f"schema/{group}", name=name, node=node)
+
+
+def dataset_config(logged: dict[str, Any]) -> DatasetConfig:
+    """A run's dataset section as its config/config.yaml logged it, typed and checked again (to load the same data later)."""
+    schema = _SCHEMAS["dataset"].get(str(logged.get("name")))
+    if schema is None:
+        raise ConfigError(f"the logged dataset {logged.get('name')!r} is none of {', '.join(_SCHEMAS['dataset'])}: it was not logged by this runner.")
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), logged))  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"the logged dataset section cannot be read: {err}") from None
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:

@@ -1,0 +1,72 @@
+"""The runtimes a logged model runs in: ``native`` (its MLflow flavor), ``onnx`` and ``onnx-int8`` (ONNX Runtime).
+
+The ONNX files are artifacts of the model's run (``python -m runner.export`` makes them).
+Asked for none, a command takes the fastest the model has: int8, then float32 ONNX, then
+native. An ONNX file is data: ONNX Runtime runs its graph of built-in operators, no code of
+the file's author.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from runner.errors import ConfigError
+from runner.track.safe_load import load_model
+
+RUNTIMES = ("native", "onnx", "onnx-int8")
+ONNX_FILES = {"onnx": "onnx/model.onnx", "onnx-int8": "onnx/model.int8.onnx"}  # in the model's run's artifacts
+FASTEST_FIRST = ("onnx-int8", "onnx", "native")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """A loaded model: the runtime's name and its ``predict(pixels) -> class probabilities``."""
+
+    name: str
+    predict: Callable[[np.ndarray], np.ndarray]
+
+
+def exports(run_id: str | None) -> list[str]:
+    """The ONNX runtimes the run has files for."""
+    if run_id is None:
+        return []
+    import mlflow
+
+    logged = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "onnx")}
+    return [name for name, path in ONNX_FILES.items() if path in logged]
+
+
+def load(uri: str, run_id: str | None, runtime: str | None = None, allow_pickle: bool = False) -> Runtime:
+    """The model at ``uri`` in ``runtime`` (None: the fastest it has); a runtime it lacks is a ConfigError saying how to make it."""
+    have = [*exports(run_id), "native"]
+    name = runtime or next(r for r in FASTEST_FIRST if r in have)
+    if name not in RUNTIMES:
+        raise ConfigError(f"--runtime {name}: not a runtime; choose one of {', '.join(RUNTIMES)}.")
+    if name not in have:
+        how = f"python -m runner.export {run_id}{' --int8' if name == 'onnx-int8' else ''}" if run_id else "log it with python -m runner first"
+        raise ConfigError(f"the model {uri!r} has no {name} export (it has: {', '.join(have)}). Make it with: {how}")
+    if name == "native":
+        model = load_model(uri, allow_pickle)
+        return Runtime(name, lambda pixels: np.asarray(model.predict(pixels)))
+    return Runtime(name, onnx_session(run_id, ONNX_FILES[name]))  # type: ignore[arg-type]
+
+
+def onnx_session(run_id: str, artifact: str) -> Callable[[np.ndarray], np.ndarray]:
+    """``predict`` of an ONNX file among the run's artifacts, on ONNX Runtime's CPU provider."""
+    import mlflow
+
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ConfigError("ONNX runtimes need onnxruntime: pip install -e '.[export]'") from None
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact)
+    return session_predict(ort.InferenceSession(path, providers=["CPUExecutionProvider"]))
+
+
+def session_predict(session: object) -> Callable[[np.ndarray], np.ndarray]:
+    """Probabilities from an ONNX Runtime session whose one input takes raw pixels (N, size, size, 3) float32."""
+    name = session.get_inputs()[0].name  # type: ignore[attr-defined]
+    return lambda pixels: np.asarray(session.run(None, {name: np.ascontiguousarray(pixels, np.float32)})[0])  # type: ignore[attr-defined]
