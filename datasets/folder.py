@@ -229,7 +229,7 @@ def viewer_rgb(img: Image.Image) -> Image.Image:
         rgb = Image.new("RGB", rgba.size, _WHITE)
         rgb.paste(rgba, mask=rgba)  # out = pixel * alpha + white * (1 - alpha)
         return rgb
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")  # already RGB: no copy (a photo's pixels are hundreds of MB)
 
 
 def _wide_gray(img: Image.Image) -> bool:

@@ -48,21 +48,28 @@ def open_photo(path: Path, max_pixels: int = MAX_PHOTO_PIXELS) -> Photo:
     bomb claiming to be one) is refused before any pixel is decoded.
     """
     try:
-        with Image.open(path) as img:
-            pixels = img.width * img.height
-            if pixels > max_pixels:
-                raise DataError(
-                    f"{path}: {img.width} x {img.height} = {pixels:,} pixels, over the limit of {max_pixels:,} "
-                    f"(at most {MAX_SIDE:,} x {MAX_SIDE:,}): downscale or split the photo."
-                )
-            with _pil_limit(max_pixels):
-                upright = ImageOps.exif_transpose(img)
-                rgb = viewer_rgb(upright)
-            if upright is not img:
-                upright.close()
-            return Photo(path, rgb)
+        img = Image.open(path)
     except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as err:
         raise DataError(f"{path}: cannot be read as an image ({type(err).__name__}: {err}).") from None
+    try:
+        pixels = img.width * img.height
+        if pixels > max_pixels:
+            raise DataError(
+                f"{path}: {img.width} x {img.height} = {pixels:,} pixels, over the limit of {max_pixels:,} "
+                f"(at most {MAX_SIDE:,} x {MAX_SIDE:,}): downscale or split the photo."
+            )
+        with _pil_limit(max_pixels):
+            ImageOps.exif_transpose(img, in_place=True)  # decodes, then turns upright in place: no second copy
+            rgb = viewer_rgb(img)
+        if rgb is not img:
+            img.close()
+        return Photo(path, rgb)
+    except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as err:
+        img.close()
+        raise DataError(f"{path}: cannot be read as an image ({type(err).__name__}: {err}).") from None
+    except BaseException:
+        img.close()
+        raise
 
 
 class _pil_limit:

@@ -19,6 +19,7 @@ from runner.config.redact import command_logging
 from runner.deploy.onnx_export import ExportSettings, export_run, run_data
 from runner.errors import USER_ERRORS, ConfigError
 from runner.predict import DEFAULT_TRACKING_URI, describe
+from runner.report.console import quiet_native_logs
 
 log = logging.getLogger("runner.export")
 
@@ -36,6 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 0 <= args.max_accuracy_drop < 1 or args.calibration_images < 1:
         parser.error("--max-accuracy-drop must be in [0, 1) and --calibration-images at least 1")
     command_logging(logging.INFO, "%(levelname)s %(name)s: %(message)s")
+    quiet_native_logs()  # TensorFlow's C++ notes, when a Keras model converts
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         logged = describe(args.model, args.tracking_uri)

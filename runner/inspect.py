@@ -4,7 +4,7 @@ The model's own patch window (its input size, or ``--patch`` pixels of the photo
 it) slides over each photo at ``--stride`` (default half a patch), the last window flush with
 each edge; every window is classified in batches. Per photo, in ``--out/<photo stem>/``: the
 photo with the crack probability over it and the windows at or above ``--threshold`` outlined
-(overlay.png), every window as a row (patches.csv), and a summary (summary.json), scored
+(overlay.png; a truth's cracks in cyan), every window as a row (patches.csv), and a summary (summary.json), scored
 against a truth mask when there is one (``--truth``, or the ``<stem>.truth.png`` that
 ``python -m runner.photos`` writes beside its photos). ``--log`` records the inspection as an
 MLflow run in the ``inspections`` experiment. A photo that cannot be read is named and
@@ -14,6 +14,7 @@ skipped; the exit status is 2 only when no photo could be inspected.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -80,7 +81,8 @@ def inspect_photo(
     found: list[np.ndarray] = []
     with tqdm(total=len(windows), desc=path.name, unit="patch", disable=not progress, leave=False) as bar:
         for pixels in batches(photo, windows, logged.image_size, batch_size):
-            found.append(np.asarray(model.predict(pixels))[:, crack])
+            with contextlib.redirect_stdout(sys.stderr):  # stdout is the result: frameworks' progress bars go to stderr
+                found.append(np.asarray(model.predict(pixels))[:, crack])
             bar.update(len(pixels))
     extra = {"patch": patch, "stride": stride, "model_input": logged.image_size, "model_uri": logged.uri, "runtime": model.name,
              "seconds": round(time.perf_counter() - started, 3)}
@@ -145,9 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 crack_map, photo = inspect_photo(path, model, logged, patch, stride, args.threshold, args.batch_size, sys.stderr.isatty())
                 truth_path = args.truth or photos.truth_beside(path)
-                scores = crack_map.score(photos.read_truth(truth_path, photo.size)) if truth_path else None
+                truth = photos.read_truth(truth_path, photo.size) if truth_path else None
                 folder = out_folder(args.out, path, taken)
-                written = crack_map.write(folder, photo.image, scores)
+                written, scores = crack_map.write(folder, photo.image, truth)
                 photo.close()
             except (DataError, ConfigError) as err:
                 log.error("skipped: %s", err)

@@ -14,11 +14,15 @@ at most ``export.max_accuracy_drop`` of test accuracy against it. Either verdict
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -53,10 +57,10 @@ def export_run(run_id: str, framework: str, data: DataSplits, settings: ExportSe
     from runner.track.safe_load import load_model
 
     client = mlflow.MlflowClient()
-    native = load_model(f"runs:/{run_id}/model")
-    with tempfile.TemporaryDirectory(prefix="onnx-") as tmp:
+    with _quiet(), tempfile.TemporaryDirectory(prefix="onnx-") as tmp:
+        native = load_model(f"runs:/{run_id}/model")
         path = Path(tmp) / "model.onnx"
-        convert(f"runs:/{run_id}/model", framework, data.val.images[:2].astype(np.float32), path)
+        convert(native.get_raw_model(), framework, data.val.images[:2].astype(np.float32), path)  # the very model loaded and checked
         onnx_predict = predict_file(path)
         val = data.val.images.astype(np.float32)
         expected = in_batches(lambda x: np.asarray(native.predict(x)), val, batch_size)
@@ -72,6 +76,8 @@ def export_run(run_id: str, framework: str, data: DataSplits, settings: ExportSe
             )
         client.log_artifact(run_id, str(path), Path(ONNX_FILES["onnx"]).parent.as_posix())
         client.set_tag(run_id, "onnx", f"kept: matches the native model within {diff:.2g} on {len(val)} validation images")
+        log.info("ONNX file logged with run %s: %s (matches the native model within %.2g); python -m runner.predict ... --runtime onnx",
+                 run_id, ONNX_FILES["onnx"], diff)
         if settings.int8:
             metrics.update(quantize(run_id, path, onnx_predict, data, settings, batch_size))
     for key, value in metrics.items():
@@ -121,21 +127,42 @@ def quantize(run_id: str, fp32: Path, fp32_predict: Callable[[np.ndarray], np.nd
     return metrics
 
 
-def convert(model_uri: str, framework: str, example: np.ndarray, path: Path) -> None:
-    """Write the logged model at ``model_uri`` as an ONNX file taking ``pixels`` of any batch size."""
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The converters' progress notes, deprecation warnings and MLflow's download bars kept off the run's log; errors still show."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "onnxscript", "onnx_ir", "tf2onnx", "onnxruntime")]
+    levels = [lg.level for lg in loggers]
+    bar = os.environ.get(PROGRESS_BAR)
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    os.environ[PROGRESS_BAR] = "false"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+        if bar is None:
+            os.environ.pop(PROGRESS_BAR, None)
+        else:
+            os.environ[PROGRESS_BAR] = bar
+
+
+PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+
+
+def convert(model: Any, framework: str, example: np.ndarray, path: Path) -> None:
+    """Write ``model`` (a logged model as its flavor loads it: a torch module, a Keras model) as an ONNX file taking ``pixels`` of any batch size."""
     if framework == "torch":
-        import mlflow.pytorch
         import torch
 
-        module = mlflow.pytorch.load_model(model_uri)
         batch = torch.export.Dim("batch", min=1)
-        program = torch.export.export(module, (torch.from_numpy(example),), dynamic_shapes=({0: batch},))
+        program = torch.export.export(model, (torch.from_numpy(example),), dynamic_shapes=({0: batch},))
         torch.onnx.export(program, f=str(path), input_names=[INPUT], output_names=["probabilities"], dynamo=True, external_data=False,
                           verbose=False)  # one file, weights inside it
     elif framework == "keras":
-        import mlflow.tensorflow
-
-        model = mlflow.tensorflow.load_model(model_uri)
         model(example, training=False)  # Keras exports only a model that has been called
         model.export(str(path), format="onnx", verbose=False)
         _rename_input(path)

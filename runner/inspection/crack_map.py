@@ -81,8 +81,9 @@ class CrackMap:
         iou = int((predicted & actual).sum()) / union if union else 1.0
         return {"precision": precision, "recall": recall, "f1": f1, "iou": iou, "true_cracked_patches": int(true.sum())}
 
-    def overlay(self, image: Image.Image) -> Image.Image:
-        """The photo (downscaled to OVERLAY_SIDE) with the crack probability as a red heat map and cracked windows outlined."""
+    def overlay(self, image: Image.Image, truth: np.ndarray | None = None) -> Image.Image:
+        """The photo (downscaled to OVERLAY_SIDE) with the crack probability as a red heat map, cracked windows outlined
+        in yellow and, given a truth mask, its crack pixels in cyan."""
         scale = min(1.0, OVERLAY_SIDE / max(self.width, self.height))
         size = (max(1, round(self.width * scale)), max(1, round(self.height * scale)))
         base = np.asarray(image.resize(size, Image.Resampling.BOX) if scale < 1 else image.convert("RGB"), np.float32)
@@ -93,21 +94,26 @@ class CrackMap:
             np.maximum(heat[rows, cols], p, out=heat[rows, cols])
         alpha = (0.6 * heat)[..., None]
         red = np.array([255.0, 0.0, 0.0], np.float32)
-        out = Image.fromarray((base * (1 - alpha) + red * alpha).astype(np.uint8), "RGB")
+        blended = base * (1 - alpha) + red * alpha
+        if truth is not None:  # any crack pixel under an overlay pixel marks it
+            marked = np.asarray(Image.fromarray(truth.astype(np.uint8) * 255, "L").resize(size, Image.Resampling.BOX)) > 0
+            blended[marked] = (0.0, 255.0, 255.0)
+        out = Image.fromarray(blended.astype(np.uint8), "RGB")
         draw = ImageDraw.Draw(out)
         for window in (w for w, on in zip(self.windows, self.cracked) if on):
             box = [window.x * scale, window.y * scale, (window.x + window.width) * scale - 1, (window.y + window.height) * scale - 1]
             draw.rectangle(box, outline=(255, 220, 0), width=max(1, round(2 * max(scale, 0.5))))
         return out
 
-    def write(self, folder: Path, image: Image.Image, scores: dict[str, float] | None = None) -> dict[str, Path]:
-        """overlay.png, patches.csv and summary.json in ``folder``: their paths."""
+    def write(self, folder: Path, image: Image.Image, truth: np.ndarray | None = None) -> tuple[dict[str, Path], dict[str, float] | None]:
+        """overlay.png, patches.csv and summary.json in ``folder``: their paths, and the scores against ``truth`` (None without)."""
         folder.mkdir(parents=True, exist_ok=True)
         paths = {"overlay": folder / "overlay.png", "patches": folder / "patches.csv", "summary": folder / "summary.json"}
-        self.overlay(image).save(paths["overlay"])
+        scores = self.score(truth) if truth is not None else None
+        self.overlay(image, truth).save(paths["overlay"])
         with paths["patches"].open("w", newline="") as out:
             rows = csv.writer(out)
             rows.writerow(["x", "y", "width", "height", "p_crack"])
             rows.writerows([w.x, w.y, w.width, w.height, f"{p:.6f}"] for w, p in zip(self.windows, self.p_crack))
         paths["summary"].write_text(json.dumps({**self.summary(), **({"truth": scores} if scores else {})}, indent=2))
-        return paths
+        return paths, scores
