@@ -78,9 +78,10 @@ def main() -> None:
     sizes = [] if args.no_photos else [(4032, 3024), (12000, 9000)]
     photos = [photo(folder / f"{w}x{h}.jpg", w, h) for w, h in sizes]
     for run_id in args.runs:
-        framework, data = run_data(run_id)
+        found = run_data(run_id)
+        framework, data = found.framework, found.data
         if "onnx" not in runtime.exports(run_id):
-            export_run(run_id, framework, data, ExportSettings(int8=True))
+            export_run(run_id, framework, data, ExportSettings(int8=True, seed=found.seed))
         model = client.get_run(run_id).data.tags["model"]
         test = data.test.images.astype(np.float32)
         for name in [*runtime.exports(run_id), "native"]:

@@ -24,9 +24,8 @@ TRUTH_SUFFIX = ".truth.png"  # the truth mask beside a photo: white where it is 
 
 @dataclass
 class Photo:
-    """A decoded photo: upright, 8-bit RGB, its size and where it came from."""
+    """A decoded photo: upright, 8-bit RGB."""
 
-    path: Path
     image: Image.Image
 
     @property
@@ -48,7 +47,8 @@ def open_photo(path: Path, max_pixels: int = MAX_PHOTO_PIXELS) -> Photo:
     bomb claiming to be one) is refused before any pixel is decoded.
     """
     try:
-        img = Image.open(path)
+        with _pil_limit(max_pixels):  # PIL checks its own guard on opening: ours is checked below, with the file's size
+            img = Image.open(path)
     except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as err:
         raise DataError(f"{path}: cannot be read as an image ({type(err).__name__}: {err}).") from None
     try:
@@ -63,7 +63,7 @@ def open_photo(path: Path, max_pixels: int = MAX_PHOTO_PIXELS) -> Photo:
             rgb = viewer_rgb(img)
         if rgb is not img:
             img.close()
-        return Photo(path, rgb)
+        return Photo(rgb)
     except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as err:
         img.close()
         raise DataError(f"{path}: cannot be read as an image ({type(err).__name__}: {err}).") from None
@@ -95,11 +95,11 @@ def truth_beside(photo: Path) -> Path | None:
 def read_truth(path: Path, size: tuple[int, int]) -> np.ndarray:
     """A truth mask as a bool array (height, width): True where the photo is cracked (any non-black pixel)."""
     try:
-        with Image.open(path) as img:
+        with _pil_limit(size[0] * size[1]), Image.open(path) as img:
             if img.size != size:
                 raise DataError(f"{path}: the truth mask is {img.width} x {img.height}, the photo {size[0]} x {size[1]}: they must match.")
             return np.asarray(img.convert("L")) > 127
-    except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as err:
+    except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as err:
         raise DataError(f"{path}: cannot be read as a truth mask ({type(err).__name__}: {err}).") from None
 
 

@@ -21,6 +21,7 @@ from crack_runner.datasets import DataSplits, stopping
 from runner.config.keys import check_composed, check_ignored
 from runner.config.schema import RunConfig, may_differ_on_resume, to_run_config
 from runner.deploy.onnx_export import ExportSettings, export_after_run
+from runner.deploy.onnx_export import available as onnx_available
 from runner.errors import USER_ERRORS, storage_error
 from runner.report import summary
 from runner.report.evaluate import evaluate_and_log
@@ -85,7 +86,7 @@ def _run(cfg: DictConfig) -> float:
     with start_run(ran, spec) as tracker:
         metrics = train_and_evaluate(run_cfg, data, tracker, trainer, job.output_dir, resume_from)
     summary.report(metrics, tracker.run_id, run_cfg.tracking.experiment, run_cfg.tracking.uri, tracker.model_uri, experiment_id, tracker.notes)
-    if run_cfg.export.wanted(run_cfg.model.framework):
+    if run_cfg.export.wanted(run_cfg.model.framework) and (run_cfg.export.onnx or onnx_available()):  # asked for: a missing extra is said
         export = run_cfg.export
         export_after_run(tracker.run_id, run_cfg.model.framework, data,
                          ExportSettings(export.int8, export.max_accuracy_drop, export.calibration_images, run_cfg.seed))

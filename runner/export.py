@@ -20,6 +20,7 @@ from runner.deploy.onnx_export import ExportSettings, export_run, run_data
 from runner.errors import USER_ERRORS, ConfigError
 from runner.predict import DEFAULT_TRACKING_URI, describe
 from runner.report.console import quiet_native_logs
+from runner.track.safe_load import PICKLE_VARIABLE
 
 log = logging.getLogger("runner.export")
 
@@ -31,20 +32,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--int8", action="store_true", help="also make an int8 file (ONNX Runtime static quantization)")
     parser.add_argument("--max-accuracy-drop", type=float, default=0.005, help="test accuracy int8 may lose (default: %(default)s)")
     parser.add_argument("--calibration-images", type=int, default=256, help="training images that calibrate int8 (default: %(default)s)")
+    parser.add_argument("--allow-pickle", action="store_true", help=f"load a model that unpickles (as {PICKLE_VARIABLE}=true): only one you trust")
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI),
                         help=f"MLflow store of the run (default: $MLFLOW_TRACKING_URI, else {DEFAULT_TRACKING_URI})")
     args = parser.parse_args(argv)
     if not 0 <= args.max_accuracy_drop < 1 or args.calibration_images < 1:
         parser.error("--max-accuracy-drop must be in [0, 1) and --calibration-images at least 1")
     command_logging(logging.INFO, "%(levelname)s %(name)s: %(message)s")
-    quiet_native_logs()  # TensorFlow's C++ notes, when a Keras model converts
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         logged = describe(args.model, args.tracking_uri)
         if logged.run_id is None:
             raise ConfigError(f"{args.model!r} is a model folder, not a logged run's model: export a run id or a runs:/ or models:/ URI.")
-        framework, data = run_data(logged.run_id)
-        metrics = export_run(logged.run_id, framework, data, ExportSettings(args.int8, args.max_accuracy_drop, args.calibration_images))
+        found = run_data(logged.run_id)
+        if found.framework == "keras":
+            quiet_native_logs()  # TensorFlow's C++ notes while the model converts
+        settings = ExportSettings(args.int8, args.max_accuracy_drop, args.calibration_images, found.seed)
+        metrics = export_run(logged.run_id, found.framework, found.data, settings, allow_pickle=args.allow_pickle)
     except USER_ERRORS as err:
         log.error("%s", err)
         return 2

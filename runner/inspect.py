@@ -33,7 +33,7 @@ from crack_runner.datasets import photos
 from crack_runner.datasets.errors import DataError
 from runner.config.redact import command_logging
 from runner.deploy import runtime as runtimes
-from runner.errors import USER_ERRORS, ConfigError
+from runner.errors import USER_ERRORS, ConfigError, StorageError
 from runner.inspection.crack_map import CrackMap
 from runner.inspection.windows import Window, grid
 from runner.predict import DEFAULT_TRACKING_URI, LoggedModel, describe, image_files
@@ -120,8 +120,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
     if not 0.0 <= args.threshold <= 1.0:
         parser.error(f"--threshold must be in 0..1, not {args.threshold}")
-    if args.truth is not None and len(args.photos) != 1:
-        parser.error("--truth goes with one photo; for several, put each mask beside its photo as <stem>.truth.png")
     return args
 
 
@@ -133,42 +131,67 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` ends like Ctrl-C: the logged run is closed KILLED
     try:
         files = [f for f in image_files(args.photos) if not f.name.endswith(photos.TRUTH_SUFFIX)]  # masks beside photos are no photos
+        if not files:
+            raise DataError(f"no photos in {', '.join(map(str, args.photos))}: only truth masks (*{photos.TRUTH_SUFFIX}).")
+        if args.truth is not None and len(files) != 1:
+            raise ConfigError(f"--truth goes with one photo, and {len(files)} were found; for several, put each mask beside its photo "
+                              f"as <stem>{photos.TRUTH_SUFFIX}.")
         logged = describe(args.model, args.tracking_uri)
         model = runtimes.load(logged.uri, logged.run_id, args.runtime, args.allow_pickle)
+        patch = args.patch or logged.image_size
+        stride = args.stride or max(1, patch // 2)
+        tracker = InspectionRun(args, logged, model.name, patch, stride, files) if args.log else None
     except USER_ERRORS as err:
         log.error("%s", err)
         return 2
-    patch = args.patch or logged.image_size
-    stride = args.stride or max(1, patch // 2)
-    tracker = InspectionRun(args, logged, model.name, patch, stride, files) if args.log else None
-    done, taken = 0, set()
+    status, done = "FAILED", 0
     try:
-        for path in files:
-            try:
-                crack_map, photo = inspect_photo(path, model, logged, patch, stride, args.threshold, args.batch_size, sys.stderr.isatty())
-                truth_path = args.truth or photos.truth_beside(path)
-                truth = photos.read_truth(truth_path, photo.size) if truth_path else None
-                folder = out_folder(args.out, path, taken)
-                written, scores = crack_map.write(folder, photo.image, truth)
-                photo.close()
-            except (DataError, ConfigError) as err:
-                log.error("skipped: %s", err)
-                continue
-            done += 1
-            print(line(crack_map, scores, folder), flush=True)
-            if tracker is not None:
-                tracker.add(folder.name, written, crack_map, scores)
+        done = inspect_all(args, files, model, logged, patch, stride, tracker)
+        status = "FINISHED" if done else "FAILED"
     except KeyboardInterrupt:
-        if tracker is not None:
-            tracker.end("KILLED")
-        log.error("interrupted after %d photo(s)%s", done, f"; MLflow run {tracker.run_id} is marked KILLED" if tracker else "")
+        status = "KILLED"
+        log.error("interrupted%s", f"; MLflow run {tracker.run_id} is marked KILLED" if tracker else "")
         return 130
-    if tracker is not None:
-        tracker.end("FINISHED" if done else "FAILED")
+    except USER_ERRORS as err:
+        log.error("%s", err)
+        return 2
+    finally:
+        if tracker is not None:
+            tracker.end(status)  # however it ends: no inspection run is left RUNNING
     if not done:
         log.error("no photo could be inspected")
         return 2
     return 0
+
+
+def inspect_all(args: argparse.Namespace, files: list[Path], model: runtimes.Runtime, logged: LoggedModel, patch: int, stride: int,
+                tracker: InspectionRun | None) -> int:
+    """Inspect each photo in turn, naming and skipping those that cannot be read or written; how many were inspected."""
+    done, taken = 0, set()
+    for path in files:
+        try:
+            crack_map, photo = inspect_photo(path, model, logged, patch, stride, args.threshold, args.batch_size, sys.stderr.isatty())
+        except (DataError, ConfigError) as err:
+            log.error("skipped: %s", err)
+            continue
+        try:
+            truth_path = args.truth or photos.truth_beside(path)
+            truth = photos.read_truth(truth_path, photo.size) if truth_path else None
+            folder = out_folder(args.out, path, taken)
+            written, scores = crack_map.write(folder, photo.image, truth)
+        except (DataError, ConfigError) as err:
+            log.error("skipped: %s", err)
+            continue
+        except OSError as err:
+            raise StorageError(f"cannot write the results of {path} into {args.out}: {err.strerror or err}. "
+                               "Pass a folder you can write to with --out, with room for them.") from None
+        finally:
+            photo.close()
+        done += 1
+        print(line(crack_map, scores, folder), flush=True)
+        if tracker is not None:
+            tracker.add(folder.name, written, crack_map, scores)
+    return done
 
 
 def line(crack_map: CrackMap, scores: dict[str, float] | None, folder: Path) -> str:

@@ -98,7 +98,7 @@ def cli(store: dict[str, str], data_cache: Path, tmp_path: Path) -> Callable[...
 
     In this interpreter (services.run_in_process: the same entry point, without a second's
     imports per call); ``process=True`` starts a fresh interpreter, for what only a process
-    shows (which modules it imports, native libraries' output, signals).
+    shows (which modules it imports, native libraries' output, signals), within ``timeout`` seconds.
     """
 
     def _run(*args: str, tiny: bool = True, timeout: float = 600, env: dict[str, str] | None = None,

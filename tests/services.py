@@ -326,7 +326,7 @@ def run_in_process(args: list[str], cwd: Path, env: dict[str, str], module: str 
                 code = entry.main(args) if module != "runner" else entry.cli() or 0
             except SystemExit as stop:
                 code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-            except BaseException:  # noqa: BLE001 - what the interpreter does with an uncaught exception
+            except Exception:  # noqa: BLE001 - what the interpreter does with an uncaught exception
                 traceback.print_exc()
                 code = 1
     finally:

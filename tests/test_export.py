@@ -64,8 +64,8 @@ def test_the_int8_gate_refuses_a_file_that_loses_accuracy_and_says_why(make_cfg,
         return (lambda x: predict(x)[:, ::-1]) if path.name == "model.int8.onnx" else predict
 
     monkeypatch.setattr(onnx_export, "predict_file", int8_gets_it_backwards)
-    framework, data = onnx_export.run_data(found.info.run_id)
-    metrics = onnx_export.export_run(found.info.run_id, framework, data, onnx_export.ExportSettings(int8=True, max_accuracy_drop=0.0))
+    found_data = onnx_export.run_data(found.info.run_id)
+    metrics = onnx_export.export_run(found.info.run_id, found_data.framework, found_data.data, onnx_export.ExportSettings(int8=True, max_accuracy_drop=0.0))
     again = client.get_run(found.info.run_id)
     assert artifacts(client, found.info.run_id) == {"onnx/model.onnx"}  # float32 kept, int8 not
     assert metrics["int8_accuracy_drop"] > 0 and again.data.tags["onnx_int8"].startswith("refused: test accuracy")
@@ -79,7 +79,7 @@ def test_an_export_that_does_not_match_keeps_nothing_and_a_failed_one_never_fail
     assert found.info.status == "FINISHED" and not artifacts(client, found.info.run_id)
     assert found.data.tags["onnx"].startswith("refused") and "no ONNX file for run" in caplog.text
     with pytest.raises(onnx_export.ConfigError, match="nothing was kept"):
-        onnx_export.export_run(found.info.run_id, "torch", onnx_export.run_data(found.info.run_id)[1], onnx_export.ExportSettings())
+        onnx_export.export_run(found.info.run_id, "torch", onnx_export.run_data(found.info.run_id).data, onnx_export.ExportSettings())
 
 
 @pytest.mark.slow

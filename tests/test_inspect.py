@@ -62,6 +62,8 @@ def test_truth_scores_count_patches_and_the_iou_of_their_areas():
     assert scores["iou"] == pytest.approx(2 / 3)  # cracked area: 2 windows; found: 3 windows over it
     nothing = CrackMap(Path("x.jpg"), 200, 100, windows, np.zeros(8), 0.5).score(truth)
     assert nothing["precision"] == 0.0 and nothing["recall"] == 0.0 and nothing["iou"] == 0.0
+    clean = CrackMap(Path("x.jpg"), 200, 100, windows, np.zeros(8), 0.5).score(np.zeros((100, 200), bool))
+    assert clean["precision"] == clean["recall"] == clean["f1"] == clean["iou"] == 1.0  # a clean photo called clean
     grazing = np.zeros((100, 200), bool)
     grazing[0, 0] = True  # one pixel of crack in a window is not a cracked window
     assert TRUTH_MIN_SHARE * 2500 > 1 and CrackMap(Path("x"), 200, 100, windows, p, 0.5).score(grazing)["true_cracked_patches"] == 0
@@ -170,7 +172,8 @@ def test_inspect_log_records_a_run_and_a_kill_leaves_it_killed(trained, tmp_path
     for n in range(6):  # enough photos that a SIGTERM finds it mid-way
         photos.write_photo(tmp_path / "many" / f"{n}.jpg", *render_photo(10 + n, 1200, 900, cracks=1))
     env = {**os.environ, "MLFLOW_TRACKING_URI": trained["uri"]}
-    proc = subprocess.Popen([sys.executable, "-m", "runner.inspect", trained["run_id"], str(tmp_path / "many"), "--out", str(tmp_path / "o"), "--log"],
+    proc = subprocess.Popen([sys.executable, "-m", "runner.inspect", trained["run_id"], str(tmp_path / "many"), "--out", str(tmp_path / "o"), "--log",
+                             "--batch-size", "4"],  # small batches: seconds a photo, so the signal lands mid-way
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not (tmp_path / "o" / "0" / "summary.json").exists():

@@ -46,8 +46,11 @@ class ExportSettings:
     seed: int = 0
 
 
-def export_run(run_id: str, framework: str, data: DataSplits, settings: ExportSettings, batch_size: int = 64) -> dict[str, float]:
+def export_run(run_id: str, framework: str, data: DataSplits, settings: ExportSettings, batch_size: int = 64,
+               allow_pickle: bool = False) -> dict[str, float]:
     """Export run ``run_id``'s logged model, check it, log what passed to the run; returns the metrics logged.
+
+    ``allow_pickle``: load a model that unpickles (refused otherwise, see runner.track.safe_load).
 
     A float32 export that does not match the native model raises ConfigError (nothing kept);
     an int8 export that loses too much accuracy is refused and said so, the float32 one kept.
@@ -56,13 +59,15 @@ def export_run(run_id: str, framework: str, data: DataSplits, settings: ExportSe
 
     from runner.track.safe_load import load_model
 
+    if not available():
+        raise ConfigError(MISSING_EXTRA)
     client = mlflow.MlflowClient()
     with _quiet(), tempfile.TemporaryDirectory(prefix="onnx-") as tmp:
-        native = load_model(f"runs:/{run_id}/model")
+        native = load_model(f"runs:/{run_id}/model", allow_pickle)
         path = Path(tmp) / "model.onnx"
         convert(native.get_raw_model(), framework, data.val.images[:2].astype(np.float32), path)  # the very model loaded and checked
         onnx_predict = predict_file(path)
-        val = data.val.images.astype(np.float32)
+        val = data.val.images
         expected = in_batches(lambda x: np.asarray(native.predict(x)), val, batch_size)
         got = in_batches(onnx_predict, val, batch_size)
         diff = float(np.abs(expected - got).max()) if len(val) else 0.0
@@ -108,7 +113,7 @@ def quantize(run_id: str, fp32: Path, fp32_predict: Callable[[np.ndarray], np.nd
     quant_pre_process(str(fp32), str(prepared))
     quantize_static(str(prepared), str(int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    test = data.test.images.astype(np.float32)
+    test = data.test.images
     labels = np.asarray(data.test.labels)
     accuracy = float((in_batches(fp32_predict, test, batch_size).argmax(1) == labels).mean())
     int8_accuracy = float((in_batches(predict_file(int8), test, batch_size).argmax(1) == labels).mean())
@@ -193,7 +198,7 @@ def predict_file(path: Path) -> Callable[[np.ndarray], np.ndarray]:
 
 def in_batches(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch_size: int) -> np.ndarray:
     """``predict`` over ``images`` a batch at a time, the probabilities stacked (float64)."""
-    parts = [np.asarray(predict(batch), np.float64) for batch in _chunks(images, batch_size)]
+    parts = [np.asarray(predict(batch.astype(np.float32)), np.float64) for batch in _chunks(images, batch_size)]  # float32 a batch at a time
     return np.concatenate(parts) if parts else np.zeros((0, 2))
 
 
@@ -202,25 +207,50 @@ def _chunks(images: np.ndarray, size: int) -> Iterator[np.ndarray]:
         yield images[start : start + size]
 
 
-def run_data(run_id: str) -> tuple[str, DataSplits]:
-    """The framework of run ``run_id`` and its data, split as it was: the dataset section its config/config.yaml logged.
+@dataclass(frozen=True)
+class RunData:
+    """What an export of a finished run needs from it: its framework, seed and data, split as it was."""
+
+    framework: str
+    seed: int
+    data: DataSplits
+
+
+def run_data(run_id: str) -> RunData:
+    """Run ``run_id``'s framework, seed and data: the dataset section its config/config.yaml logged, loaded again.
 
     What the run trained on must still be where it was (the synthetic set is made again from its
     seed, an image folder read from its path); a ConfigError says so otherwise.
     """
     import mlflow
     import yaml
+    from mlflow.exceptions import MlflowException
 
     from crack_runner import datasets
     from runner.config.schema import dataset_config
 
-    run = mlflow.MlflowClient().get_run(run_id)
-    logged = yaml.safe_load(Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="config/config.yaml")).read_text())
-    data = datasets.load(dataset_config(logged["dataset"]), int(logged["seed"]), progress=False)
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+        logged = yaml.safe_load(Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="config/config.yaml")).read_text())
+        framework, section, seed = run.data.tags["framework"], logged["dataset"], int(logged["seed"])
+    except (MlflowException, OSError, KeyError, TypeError, ValueError, yaml.YAMLError) as err:
+        raise ConfigError(f"run {run_id} has no config this runner logged (config/config.yaml with its dataset and seed, the framework "
+                          f"tag): {type(err).__name__}: {str(err)[:200]}. Export a run made by python -m runner.") from None
+    data = datasets.load(dataset_config(section), seed, progress=False)
     if data.fingerprint != run.data.tags.get("dataset_fingerprint", data.fingerprint):
         raise ConfigError(f"the data of run {run_id} has changed since it trained (its fingerprint differs): exporting would check the "
                           "model on other images. Export from where the run's data is as it was.")
-    return run.data.tags["framework"], data
+    return RunData(framework, seed, data)
+
+
+def available() -> bool:
+    """Whether the export extra (onnx, onnxruntime, onnxscript, tf2onnx) is installed."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime", "onnxscript"))
+
+
+MISSING_EXTRA = "ONNX exports need the export extra: pip install -e '.[export]' (or '.[all]')"
 
 
 def export_after_run(run_id: str, framework: str, data: DataSplits, settings: ExportSettings) -> None:
@@ -234,12 +264,14 @@ def export_after_run(run_id: str, framework: str, data: DataSplits, settings: Ex
 
 def export_champion(run_id: str) -> None:
     """The model ``runner.compare --register`` made champion goes to the field: ONNX and int8, unless its run has them already."""
-    if exports(run_id):
-        return
     try:
-        framework, data = run_data(run_id)
+        if exports(run_id):
+            return
+        if not available():
+            raise ConfigError(MISSING_EXTRA)
+        found = run_data(run_id)
     except Exception as err:  # noqa: BLE001 - registering stands without an export
-        log.warning("no ONNX file for champion run %s: its data cannot be loaded here (%s: %s). Export it where it trained: "
-                    "python -m runner.export %s --int8", run_id, type(err).__name__, str(err)[:300], run_id)
+        log.warning("no ONNX file for champion run %s (%s: %s). Export it where it trained: python -m runner.export %s --int8",
+                    run_id, type(err).__name__, str(err)[:300], run_id)
         return
-    export_after_run(run_id, framework, data, ExportSettings(int8=True))
+    export_after_run(run_id, found.framework, found.data, ExportSettings(int8=True, seed=found.seed))

@@ -34,8 +34,12 @@ def exports(run_id: str | None) -> list[str]:
     if run_id is None:
         return []
     import mlflow
+    from mlflow.exceptions import MlflowException
 
-    logged = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "onnx")}
+    try:
+        logged = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "onnx")}
+    except (MlflowException, OSError):  # its artifacts cannot be listed: it has none to offer
+        return []
     return [name for name, path in ONNX_FILES.items() if path in logged]
 
 

@@ -20,7 +20,7 @@ from runner.inspection.windows import Window
 
 OVERLAY_SIDE = 2048  # the overlay's longer side at most: readable, and megabytes rather than a photo's hundreds
 RASTER_SIDE = 4096  # areas (cracked share, IoU) are measured on a raster with at most this many cells a side
-TRUTH_MIN_SHARE = 0.0025  # a window is cracked in truth when crack pixels cover this share of it (a 2 px line across half of it)
+TRUTH_MIN_SHARE = 0.0025  # a window is cracked in truth when crack pixels cover this share of it (a 1 px line across half of it)
 
 
 @dataclass
@@ -73,9 +73,12 @@ class CrackMap:
         true = np.array([truth[w.y : w.y + w.height, w.x : w.x + w.width].mean() >= TRUTH_MIN_SHARE for w in self.windows], bool)
         found = self.cracked
         tp, fp, fn = int((true & found).sum()), int((~true & found).sum()), int((true & ~found).sum())
-        precision = tp / (tp + fp) if tp + fp else 0.0
-        recall = tp / (tp + fn) if tp + fn else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        if tp + fp + fn == 0:  # a clean photo called clean: nothing missed, no false alarm
+            precision = recall = f1 = 1.0
+        else:
+            precision = tp / (tp + fp) if tp + fp else 0.0
+            recall = tp / (tp + fn) if tp + fn else 0.0
+            f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         predicted, actual = self._area(found), self._area(true)
         union = int((predicted | actual).sum())
         iou = int((predicted & actual).sum()) / union if union else 1.0

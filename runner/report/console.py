@@ -85,6 +85,9 @@ def _installed(module: str) -> bool:
 NATIVE_LOG_LINE = re.compile(rb"^(?:[IWE]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [\w.]+:\d+\] |WARNING: All log messages before absl::InitializeLog\(\))")
 
 
+_quieted = False
+
+
 def quiet_native_logs() -> None:
     """Drop the C++ libraries' absl log lines from this process's stderr (file descriptor 2).
 
@@ -92,8 +95,10 @@ def quiet_native_logs() -> None:
     lines; at exit the real stderr is put back and the pipe drained, so no line of ours is
     lost. ``TF_CPP_MIN_LOG_LEVEL=0`` keeps them all.
     """
-    if os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
+    global _quieted
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0" or _quieted:  # once a process: a second pipe would only relay the first
         return
+    _quieted = True
     sys.stderr.flush()
     real = os.dup(2)
     read, write = os.pipe()
