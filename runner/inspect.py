@@ -212,11 +212,13 @@ class InspectionRun:
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.data.sources import LocalArtifactDatasetSource
 
+        from runner.track.lease import process_tags
         from runner.track.store import open_store
 
         experiment_id = open_store(args.tracking_uri, EXPERIMENT, "mlruns")
         self.client = mlflow.MlflowClient()
-        tags = {"model_uri": logged.uri, **({"model_run_id": logged.run_id} if logged.run_id else {})}
+        # Host and process: a run whose process was killed outright (SIGKILL) is found and closed by runner.doctor.
+        tags = {"model_uri": logged.uri, **({"model_run_id": logged.run_id} if logged.run_id else {}), **process_tags()}
         if logged.uri.startswith("models:/"):
             tags["model_version"] = str(mlflow.models.get_model_info(logged.uri).registered_model_version or "")
         run = self.client.create_run(experiment_id, tags=tags, run_name=f"inspect {len(files)} photo(s)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -184,3 +185,17 @@ def test_inspect_log_records_a_run_and_a_kill_leaves_it_killed(trained, tmp_path
     assert proc.returncode == 130, err[-3000:]
     runs = client.search_runs([client.get_experiment_by_name("inspections").experiment_id], order_by=["attributes.start_time DESC"])
     assert runs[0].info.status == "KILLED" and "marked KILLED" in err and "Traceback" not in err
+
+    # Killed outright, no handler runs: the run stays RUNNING until runner.doctor finds its process gone.
+    shutil.rmtree(tmp_path / "o")
+    proc = subprocess.Popen(proc.args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while not (tmp_path / "o" / "0" / "summary.json").exists():
+        assert proc.poll() is None and time.monotonic() < deadline + 300, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    runs = client.search_runs([client.get_experiment_by_name("inspections").experiment_id], order_by=["attributes.start_time DESC"])
+    assert runs[0].info.status == "RUNNING"
+    fixed = services.run_in_process(["--tracking-uri", trained["uri"], "--fix"], tmp_path, env, "runner.doctor")
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+    assert client.get_run(runs[0].info.run_id).info.status == "KILLED"
