@@ -180,7 +180,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     output.add_argument(
         "--serving-input",
         action="store_true",
-        help="print the decoded images as the JSON body for `mlflow models serve` instead of predicting",
+        help="print the decoded images as the JSON body for `mlflow models serve` instead of predicting "
+        "(with --runtime onnx or onnx-int8: for the ONNX model served from runs:/<id>/onnx/float32 or onnx/int8)",
     )
     args = parser.parse_args(argv)
     if args.batch_size < 1:
@@ -197,8 +198,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         files = image_files(args.images)
         logged = describe(args.model, args.tracking_uri)
-        if args.serving_input:
-            print(json.dumps({"inputs": decode(files, logged.image_size).tolist()}))
+        if args.serving_input:  # the native model takes the pixels, an ONNX one (onnx/float32, onnx/int8) them by its input's name
+            pixels = decode(files, logged.image_size).tolist()
+            print(json.dumps({"inputs": {"pixels": pixels} if args.runtime in ("onnx", "onnx-int8") else pixels}))
             return 0
         with contextlib.redirect_stdout(sys.stderr):  # stdout is the result: frameworks' progress bars go to stderr
             predictions = predict(logged, files, args.batch_size, args.allow_pickle, args.runtime)

@@ -31,7 +31,7 @@ def test_a_linear_run_ends_with_onnx_files_that_match_it_and_predict_runs_them(m
     run(cfg)
     found = only_run(client)
     assert found.info.status == "FINISHED"
-    assert artifacts(client, found.info.run_id) == {"onnx/model.onnx", "onnx/model.int8.onnx"}
+    assert artifacts(client, found.info.run_id) == {"onnx/float32", "onnx/int8"}
     assert found.data.metrics["onnx_max_abs_diff"] <= onnx_export.TOLERANCE
     assert found.data.tags["onnx"].startswith("kept") and found.data.tags["onnx_int8"].startswith("kept")
     assert found.data.metrics["int8_accuracy_drop"] <= 0.5
@@ -44,6 +44,9 @@ def test_a_linear_run_ends_with_onnx_files_that_match_it_and_predict_runs_them(m
     onnx = runtime.load(f"runs:/{found.info.run_id}/model", found.info.run_id, "onnx").predict(images)
     np.testing.assert_allclose(onnx, native, atol=onnx_export.TOLERANCE)
     assert runtime.load(f"runs:/{found.info.run_id}/model", found.info.run_id).name == "onnx-int8"  # the fastest it has
+    # Each file is an MLflow model of the onnx flavor too: what `mlflow models serve -m runs:/<id>/onnx/int8` loads.
+    served = mlflow.pyfunc.load_model(f"runs:/{found.info.run_id}/onnx/float32").predict({"pixels": images})
+    np.testing.assert_allclose(np.asarray(served["probabilities"]), native, atol=onnx_export.TOLERANCE)
 
     folder = tmp_path / "one"
     folder.mkdir()
@@ -67,7 +70,7 @@ def test_the_int8_gate_refuses_a_file_that_loses_accuracy_and_says_why(make_cfg,
     found_data = onnx_export.run_data(found.info.run_id)
     metrics = onnx_export.export_run(found.info.run_id, found_data.framework, found_data.data, onnx_export.ExportSettings(int8=True, max_accuracy_drop=0.0))
     again = client.get_run(found.info.run_id)
-    assert artifacts(client, found.info.run_id) == {"onnx/model.onnx"}  # float32 kept, int8 not
+    assert artifacts(client, found.info.run_id) == {"onnx/float32"}  # float32 kept, int8 not
     assert metrics["int8_accuracy_drop"] > 0 and again.data.tags["onnx_int8"].startswith("refused: test accuracy")
     assert "export.max_accuracy_drop=0.0" in again.data.tags["onnx_int8"]
 
@@ -90,5 +93,5 @@ def test_a_keras_model_exports_through_its_own_onnx_export_and_matches(make_cfg,
     done = services.run_in_process([found.info.run_id], tmp_path, env, "runner.export")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "onnx kept: matches the native model" in done.stdout
-    assert artifacts(client, found.info.run_id) == {"onnx/model.onnx"}
+    assert artifacts(client, found.info.run_id) == {"onnx/float32"}
     assert client.get_run(found.info.run_id).data.metrics["onnx_max_abs_diff"] <= onnx_export.TOLERANCE

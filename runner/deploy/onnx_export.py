@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from crack_runner.datasets import DataSplits
-from runner.deploy.runtime import ONNX_FILES, exports, session_predict
+from runner.deploy.runtime import MODEL_FILE, ONNX_MODELS, exports, session_predict
 from runner.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -79,10 +79,10 @@ def export_run(run_id: str, framework: str, data: DataSplits, settings: ExportSe
                 f"the ONNX export of run {run_id} gives probabilities up to {diff:.2g} away from the native model's on the "
                 f"validation images (allowed: {TOLERANCE}); nothing was kept. The native model stands: use --runtime native."
             )
-        client.log_artifact(run_id, str(path), Path(ONNX_FILES["onnx"]).parent.as_posix())
+        log_onnx_model(run_id, path, "onnx")
         client.set_tag(run_id, "onnx", f"kept: matches the native model within {diff:.2g} on {len(val)} validation images")
         log.info("ONNX file logged with run %s: %s (matches the native model within %.2g); python -m runner.predict ... --runtime onnx",
-                 run_id, ONNX_FILES["onnx"], diff)
+                 run_id, ONNX_MODELS["onnx"], diff)
         if settings.int8:
             metrics.update(quantize(run_id, path, onnx_predict, data, settings, batch_size))
     for key, value in metrics.items():
@@ -122,7 +122,7 @@ def quantize(run_id: str, fp32: Path, fp32_predict: Callable[[np.ndarray], np.nd
     metrics = {"onnx_test_accuracy": accuracy, "int8_test_accuracy": int8_accuracy, "int8_accuracy_drop": drop,
                "int8_size_mb": int8.stat().st_size / 2**20}
     if drop <= settings.max_accuracy_drop:
-        client.log_artifact(run_id, str(int8), Path(ONNX_FILES["onnx-int8"]).parent.as_posix())
+        log_onnx_model(run_id, int8, "onnx-int8")
         client.set_tag(run_id, "onnx_int8", f"kept: test accuracy {int8_accuracy:.4f}, {drop:+.4f} from float32's {accuracy:.4f}")
         log.info("int8 export kept: test accuracy %.4f (float32 %.4f)", int8_accuracy, accuracy)
     else:
@@ -156,6 +156,21 @@ def _quiet() -> Iterator[None]:
 
 
 PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+
+
+def log_onnx_model(run_id: str, path: Path, runtime: str) -> None:
+    """Log the ONNX file at ``path`` with run ``run_id`` as an MLflow model of the onnx flavor (ONNX_MODELS[runtime]): one file, servable."""
+    import mlflow
+    import mlflow.onnx
+    import onnx
+    import onnxruntime
+
+    folder = path.parent / runtime
+    mlflow.onnx.save_model(onnx.load(str(path)), str(folder), onnx_execution_providers=["CPUExecutionProvider"], save_as_external_data=False,
+                           pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}", "numpy"])
+    if not (folder / MODEL_FILE).is_file():
+        raise ConfigError(f"MLflow saved the ONNX model without {MODEL_FILE}: this MLflow version lays it out otherwise")
+    mlflow.MlflowClient().log_artifacts(run_id, str(folder), ONNX_MODELS[runtime])
 
 
 def convert(model: Any, framework: str, example: np.ndarray, path: Path) -> None:

@@ -1,6 +1,7 @@
 """The runtimes a logged model runs in: ``native`` (its MLflow flavor), ``onnx`` and ``onnx-int8`` (ONNX Runtime).
 
-The ONNX files are artifacts of the model's run (``python -m runner.export`` makes them).
+The ONNX files are artifacts of the model's run (``python -m runner.export`` makes them), each
+in a folder that is an MLflow model of the onnx flavor, so ``mlflow models serve`` serves it too.
 Asked for none, a command takes the fastest the model has: int8, then float32 ONNX, then
 native. An ONNX file is data: ONNX Runtime runs its graph of built-in operators, no code of
 the file's author.
@@ -17,7 +18,10 @@ from runner.errors import ConfigError
 from runner.track.safe_load import load_model
 
 RUNTIMES = ("native", "onnx", "onnx-int8")
-ONNX_FILES = {"onnx": "onnx/model.onnx", "onnx-int8": "onnx/model.int8.onnx"}  # in the model's run's artifacts
+# In the model's run's artifacts, each an MLflow model of the onnx flavor (`mlflow models serve -m runs:/<id>/onnx/int8`)
+# whose file is MODEL_FILE.
+ONNX_MODELS = {"onnx": "onnx/float32", "onnx-int8": "onnx/int8"}
+MODEL_FILE = "model.onnx"
 FASTEST_FIRST = ("onnx-int8", "onnx", "native")
 
 
@@ -40,7 +44,7 @@ def exports(run_id: str | None) -> list[str]:
         logged = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "onnx")}
     except (MlflowException, OSError):  # its artifacts cannot be listed: it has none to offer
         return []
-    return [name for name, path in ONNX_FILES.items() if path in logged]
+    return [name for name, folder in ONNX_MODELS.items() if folder in logged]
 
 
 def load(uri: str, run_id: str | None, runtime: str | None = None, allow_pickle: bool = False) -> Runtime:
@@ -55,7 +59,7 @@ def load(uri: str, run_id: str | None, runtime: str | None = None, allow_pickle:
     if name == "native":
         model = load_model(uri, allow_pickle)
         return Runtime(name, lambda pixels: np.asarray(model.predict(pixels)))
-    return Runtime(name, onnx_session(run_id, ONNX_FILES[name]))  # type: ignore[arg-type]
+    return Runtime(name, onnx_session(run_id, f"{ONNX_MODELS[name]}/{MODEL_FILE}"))  # type: ignore[arg-type]
 
 
 def onnx_session(run_id: str, artifact: str) -> Callable[[np.ndarray], np.ndarray]:
