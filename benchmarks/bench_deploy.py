@@ -27,7 +27,7 @@ from PIL import Image
 
 from crack_runner.datasets.synthetic import render_photo
 from runner.deploy import runtime
-from runner.deploy.onnx_export import ExportSettings, export_run, run_data
+from runner.deploy.onnx_export import ExportSettings, export_run, in_batches, run_data
 
 
 def throughput(predict, images: np.ndarray, batch: int, seconds: float = 5.0) -> float:
@@ -86,7 +86,7 @@ def main() -> None:
         test = data.test.images.astype(np.float32)
         for name in [*runtime.exports(run_id), "native"]:
             loaded = runtime.load(f"runs:/{run_id}/model", run_id, name)
-            accuracy = float((np.concatenate([loaded.predict(test[i : i + 64]) for i in range(0, len(test), 64)]).argmax(1) == data.test.labels).mean())
+            accuracy = float((in_batches(loaded.predict, test, 64).argmax(1) == data.test.labels).mean())
             rows.append((model, name, throughput(loaded.predict, test, 1, args.seconds), throughput(loaded.predict, test, 64, args.seconds), accuracy))
             print(f"| {model} | {name} | {rows[-1][2]:.1f} | {rows[-1][3]:.1f} | {accuracy:.4f} |", flush=True)
             for path in photos if framework == "torch" else photos[:1]:  # ResNet50 on 12,000 x 9,000: minutes a runtime, the 4k photo says it

@@ -8,6 +8,8 @@ of rows at a time (:meth:`Photo.rows`), so only the decoded photo itself grows w
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,18 +74,15 @@ def open_photo(path: Path, max_pixels: int = MAX_PHOTO_PIXELS) -> Photo:
         raise
 
 
-class _pil_limit:
-    """PIL's decompression-bomb guard raised to ``pixels`` while a photo is decoded (it is sized for small images)."""
-
-    def __init__(self, pixels: int) -> None:
-        self.pixels = pixels
-
-    def __enter__(self) -> None:
-        self.saved = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = max(self.pixels, self.saved or 0)
-
-    def __exit__(self, *exc: object) -> None:
-        Image.MAX_IMAGE_PIXELS = self.saved
+@contextlib.contextmanager
+def _pil_limit(pixels: int) -> Iterator[None]:
+    """PIL's decompression-bomb guard raised to ``pixels`` while a photo is decoded (it is sized for small images); none stays none."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None if saved is None else max(pixels, saved)
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
 
 
 def truth_beside(photo: Path) -> Path | None:

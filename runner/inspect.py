@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -51,10 +52,10 @@ def crack_index(classes: Sequence[str]) -> int:
 
 
 def batches(photo: photos.Photo, windows: list[Window], size: int, batch_size: int) -> Iterator[np.ndarray]:
-    """The windows' pixels, (n, size, size, 3) float32, ``batch_size`` at a time, read from the photo a strip of rows at a time."""
+    """The windows' pixels (in the row-by-row order of :func:`grid`), (n, size, size, 3) float32, ``batch_size`` at a time, read from the photo a strip of rows at a time."""
     batch: list[np.ndarray] = []
-    for top in sorted({w.y for w in windows}):
-        row = [w for w in windows if w.y == top]
+    for top, in_row in itertools.groupby(windows, key=lambda w: w.y):  # grid() lists the windows row by row
+        row = list(in_row)
         strip = photo.rows(top, top + row[0].height)
         for w in row:
             patch = strip[:, w.x : w.x + w.width]
@@ -196,7 +197,7 @@ def inspect_all(args: argparse.Namespace, files: list[Path], model: runtimes.Run
 
 def line(crack_map: CrackMap, scores: dict[str, float] | None, folder: Path) -> str:
     """The stdout line of a photo: counts, cracked share, highest probability, scores, where the files are."""
-    s = crack_map.summary()
+    s = crack_map.summary
     text = (f"{crack_map.photo}: {s['cracked_patches']}/{s['patches']} patches cracked, {100 * s['cracked_area_share']:.1f}% of the area, "
             f"max p {s['max_p_crack']:.3f} ({s['runtime']}, {s['seconds']:.1f} s)")
     if scores:
@@ -236,7 +237,7 @@ class InspectionRun:
     def add(self, name: str, written: dict[str, Path], crack_map: CrackMap, scores: dict[str, float] | None) -> None:
         for path in written.values():
             self.client.log_artifact(self.run_id, str(path), name)
-        summary = crack_map.summary()
+        summary = crack_map.summary
         self.totals["photos"] += 1
         self.totals["patches"] += summary["patches"]
         self.totals["cracked_patches"] += summary["cracked_patches"]

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from crack_runner.datasets import DataSplits
-from runner.deploy.runtime import MODEL_FILE, ONNX_MODELS, exports, session_predict
+from runner.deploy.runtime import MISSING_EXTRA, MODEL_FILE, ONNX_MODELS, exports, predict_file
 from runner.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -204,13 +204,6 @@ def _rename_input(path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def predict_file(path: Path) -> Callable[[np.ndarray], np.ndarray]:
-    """``predict`` of an ONNX file on ONNX Runtime's CPU provider."""
-    import onnxruntime as ort
-
-    return session_predict(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]))
-
-
 def in_batches(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch_size: int) -> np.ndarray:
     """``predict`` over ``images`` a batch at a time, the probabilities stacked (float64)."""
     parts = [np.asarray(predict(batch.astype(np.float32)), np.float64) for batch in _chunks(images, batch_size)]  # float32 a batch at a time
@@ -263,9 +256,6 @@ def available() -> bool:
     import importlib.util
 
     return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime", "onnxscript"))
-
-
-MISSING_EXTRA = "ONNX exports need the export extra: pip install -e '.[export]' (or '.[all]')"
 
 
 def export_after_run(run_id: str, framework: str, data: DataSplits, settings: ExportSettings) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -23,6 +24,7 @@ RUNTIMES = ("native", "onnx", "onnx-int8")
 ONNX_MODELS = {"onnx": "onnx/float32", "onnx-int8": "onnx/int8"}
 MODEL_FILE = "model.onnx"
 FASTEST_FIRST = ("onnx-int8", "onnx", "native")
+MISSING_EXTRA = "ONNX exports and runtimes need the export extra: pip install -e '.[export]' (or '.[all]')"
 
 
 @dataclass(frozen=True)
@@ -63,15 +65,19 @@ def load(uri: str, run_id: str | None, runtime: str | None = None, allow_pickle:
 
 
 def onnx_session(run_id: str, artifact: str) -> Callable[[np.ndarray], np.ndarray]:
-    """``predict`` of an ONNX file among the run's artifacts, on ONNX Runtime's CPU provider."""
+    """``predict`` of an ONNX file among the run's artifacts."""
     import mlflow
 
+    return predict_file(Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact)))
+
+
+def predict_file(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """``predict`` of an ONNX file on ONNX Runtime's CPU provider; without onnxruntime, a ConfigError saying what to install."""
     try:
         import onnxruntime as ort
     except ImportError:
-        raise ConfigError("ONNX runtimes need onnxruntime: pip install -e '.[export]'") from None
-    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact)
-    return session_predict(ort.InferenceSession(path, providers=["CPUExecutionProvider"]))
+        raise ConfigError(MISSING_EXTRA) from None
+    return session_predict(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]))
 
 
 def session_predict(session: object) -> Callable[[np.ndarray], np.ndarray]:

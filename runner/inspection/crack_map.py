@@ -7,6 +7,7 @@ windows and probabilities; none of them needs the model or the runtime that made
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -39,8 +40,12 @@ class CrackMap:
     def cracked(self) -> np.ndarray:
         return self.p_crack >= self.threshold
 
+    @functools.cached_property
     def summary(self) -> dict[str, Any]:
-        """What the JSON file holds: counts, the share of the photo's area in cracked windows, the highest probability."""
+        """What the JSON file holds: counts, the share of the photo's area in cracked windows, the highest probability.
+
+        Computed once: the file, the command's line and the MLflow run all read it.
+        """
         return {
             "photo": str(self.photo),
             "width": self.width,
@@ -118,5 +123,5 @@ class CrackMap:
             rows = csv.writer(out)
             rows.writerow(["x", "y", "width", "height", "p_crack"])
             rows.writerows([w.x, w.y, w.width, w.height, f"{p:.6f}"] for w, p in zip(self.windows, self.p_crack))
-        paths["summary"].write_text(json.dumps({**self.summary(), **({"truth": scores} if scores else {})}, indent=2))
+        paths["summary"].write_text(json.dumps({**self.summary, **({"truth": scores} if scores else {})}, indent=2))
         return paths, scores
