@@ -109,7 +109,7 @@ def load_decoded(
         if not isinstance(entry, Entry):
             return entry
         ok = np.flatnonzero(np.isin(order, entry.decoded))  # the files with pixels in their row
-        pixels = np.take(entry.pixels, order[ok], axis=0)
+        pixels = integrity.read_rows(entry.pixels, order[ok])
         try:
             entry.check(pixels, order[ok], folder / PIXELS)
         except integrity.Damaged as err:

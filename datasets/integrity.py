@@ -18,6 +18,7 @@ import errno
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 import time
@@ -106,6 +107,22 @@ def map_npy(path: Path, dtype: type, shape: tuple[int, ...], mode: Literal["r", 
     if array.shape != shape or array.dtype != dtype:
         raise Damaged(f"{path} holds {array.dtype}{list(array.shape)}, not {np.dtype(dtype)}{list(shape)}")
     return array
+
+
+def read_rows(mapped: np.memmap, rows: np.ndarray) -> np.ndarray:
+    """``mapped[rows]`` copied into memory by reading the file, not through its mapping.
+
+    A mapped file's pages count in the process's resident memory while mapped, so gathering
+    through the mapping holds the whole file twice at its peak (its pages and the copy); read
+    row by row, only the copy is held. Damaged if the file ends before a row.
+    """
+    out = np.empty((len(rows), *mapped.shape[1:]), mapped.dtype)
+    row_bytes = out.itemsize * math.prod(mapped.shape[1:])
+    with open(mapped.filename, "rb") as file:
+        for index, row in enumerate(np.asarray(rows, np.int64)):
+            if os.preadv(file.fileno(), [memoryview(out[index]).cast("B")], mapped.offset + int(row) * row_bytes) != row_bytes:
+                raise Damaged(f"{mapped.filename} is cut short: row {row} is missing")
+    return out
 
 
 def allocate_npy(path: Path, dtype: type, shape: tuple[int, ...]) -> np.memmap:

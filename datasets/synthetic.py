@@ -11,17 +11,18 @@ so the output does not depend on the number of worker processes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+from filelock import FileLock
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
@@ -58,11 +59,13 @@ def generate(
 ) -> Path:
     """Write samples_per_class images per class under root/Positive and root/Negative; return root.
 
-    The images are rendered into a temporary sibling folder that is renamed to ``root``
-    only when complete, so an interrupted run never leaves a half-filled ``root``. A
-    ``root`` holding a marker with the same parameters is reused as is; one generated
-    with other parameters is replaced; any other existing ``root`` is left untouched
-    and raises ``FileExistsError``.
+    The images are rendered into a sibling folder named by the parameters and renamed to
+    ``root`` only when complete, so an interrupted run never leaves a half-filled ``root``;
+    the images it did make stay there (each written whole, by a rename) and the next call
+    with the same parameters renders only the rest. One process at a time generates a set
+    (a lock beside it); another waiting for it then finds it made. A ``root`` holding a marker
+    with the same parameters is reused as is; one generated with other parameters is
+    replaced; any other existing ``root`` is left untouched and raises DataError.
     """
     root = Path(root)
     if samples_per_class < 1:
@@ -85,17 +88,23 @@ def generate(
         )
 
     root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".partial", dir=root.parent))
-    try:
-        staging.chmod(0o755)
+    key = hashlib.blake2b(json.dumps(params, sort_keys=True).encode(), digest_size=6).hexdigest()
+    staging = root.parent / f".{root.name}.{key}.partial"
+    with FileLock(str(root.parent / f".{root.name}.lock")):
+        if _marker_params(root) == params:  # made by another process while this one waited
+            return root
+        staging.mkdir(mode=0o755, exist_ok=True)
         jobs = _plan_jobs(staging, samples_per_class, image_size, seed)
-        logger.info("Generating %d synthetic images of %d px in %s", len(jobs), image_size, root)
-        _run_jobs(jobs, workers)
+        todo = [job for job in jobs if not job.path.exists()]
+        logger.info("Generating %d synthetic images of %d px in %s%s", len(todo), image_size, root,
+                    f" ({len(jobs) - len(todo)} made by an interrupted run kept)" if len(todo) < len(jobs) else "")
+        try:
+            _run_jobs(todo, workers)
+        except BaseException:
+            logger.warning("synthetic images: interrupted; those made are kept in %s and the same command renders the rest", staging)
+            raise
         (staging / MARKER_NAME).write_text(json.dumps(params, sort_keys=True))
         _publish(staging, root, params)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return root
 
 
@@ -189,7 +198,7 @@ def _plan_jobs(folder: Path, samples_per_class: int, size: int, seed: int) -> li
     width = max(5, len(str(samples_per_class)))  # 00001.jpg like the real set, sortable
     jobs = []
     for class_index, name in enumerate(CLASS_NAMES):
-        (folder / name).mkdir()
+        (folder / name).mkdir(exist_ok=True)
         for index in range(1, samples_per_class + 1):
             path = folder / name / f"{index:0{width}d}.jpg"
             jobs.append(_Job(path, class_index, index, size, seed))
@@ -217,8 +226,11 @@ def _run_jobs(jobs: list[_Job], workers: int | None) -> None:
 
 
 def _render_job(job: _Job) -> None:
+    """Render one image and write it whole: under a temporary name, then renamed (an interrupted write leaves no image)."""
     image = render(job.seed, job.class_index, job.index, job.size)
-    image.save(job.path, "JPEG", quality=JPEG_QUALITY, optimize=False, subsampling=0)
+    partial = job.path.with_name(f".{job.path.name}.tmp")
+    image.save(partial, "JPEG", quality=JPEG_QUALITY, optimize=False, subsampling=0)
+    os.replace(partial, job.path)
 
 
 def _render_chunk(jobs: list[_Job]) -> int:

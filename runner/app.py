@@ -101,7 +101,7 @@ def train_and_evaluate(
     if data.skipped:
         tracker.log_json({"skipped": data.skipped}, "data/skipped_images.json")
     history = tracker.load_json(HISTORY) if resume_from else None
-    epochs = Epochs(tracker, folder / "checkpoints" / trainer.CHECKPOINT, history, EpochPolicy.of(run_cfg.trainer))
+    epochs = Epochs(tracker, folder / "checkpoints" / trainer.CHECKPOINT, history, EpochPolicy.of(run_cfg.trainer), run_cfg.trainer.keep_checkpoints)
     model = trainer.fit(run_cfg, data, tracker, epochs, resume_from)
     metrics = evaluate_and_log(model, data, tracker, epochs.selected)
     tracker.model_metadata["classes"] = data.classes

@@ -371,3 +371,13 @@ def stop_joblib_workers() -> None:
         from joblib.externals.loky import get_reusable_executor
 
         get_reusable_executor().shutdown(wait=True, kill_workers=True)
+
+
+def disk_bytes(*folders: Path) -> int:
+    """Bytes on disk under ``folders``, a file linked several times counted once (as ``du`` does)."""
+    seen: dict[int, int] = {}
+    for folder in folders:
+        for path in folder.rglob("*"):
+            if path.is_file():
+                seen[path.stat().st_ino] = path.stat().st_size
+    return sum(seen.values())

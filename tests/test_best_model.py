@@ -162,7 +162,7 @@ def test_out_of_range_keys_name_the_key_and_the_fix(make_cfg, override, key):
 
 def test_the_logged_model_and_test_metrics_are_the_best_epochs(make_cfg, client):
     # min_delta=10: no epoch after the first counts as a gain, so epoch 1 is the best of 3.
-    run(make_cfg("trainer.epochs=3", "trainer.min_delta=10"))
+    run(make_cfg("trainer.epochs=3", "trainer.min_delta=10", "trainer.keep_checkpoints=true"))
     (found,) = runs(client)
     run_id, data = found.info.run_id, load_data(make_cfg)
     assert found.data.metrics["best_epoch"] == 1 and found.data.tags["selected_epoch"] == "1"
@@ -178,7 +178,7 @@ def test_the_logged_model_and_test_metrics_are_the_best_epochs(make_cfg, client)
 
 
 def test_select_last_keeps_the_last_epoch(make_cfg, client):
-    run(make_cfg("trainer.epochs=3", "trainer.min_delta=10", "trainer.select=last"))
+    run(make_cfg("trainer.epochs=3", "trainer.min_delta=10", "trainer.select=last", "trainer.keep_checkpoints=true"))
     (found,) = runs(client)
     data = load_data(make_cfg)
     logged = np.asarray(mlflow.pyfunc.load_model(f"runs:/{found.info.run_id}/model").predict(data.test.images.astype(np.float32)))

@@ -51,7 +51,8 @@ def test_two_phase_run_keeps_the_best_epoch_stops_early_per_phase_and_schedules_
     # min_delta=100: only epoch 1 is a gain. Early stopping (patience 1) ends the head phase at
     # epoch 2 and the fine-tune phase at its first epoch, 3; the model kept is epoch 1's.
     run(make_cfg(*VGG, "freeze_depth=15", "fine_tune_lr=0.0005", "trainer.epochs=3", "trainer.fine_tune_epochs=2",
-                 "trainer.early_stopping_patience=1", "trainer.min_delta=100", "trainer.lr_schedule=cosine"))
+                 "trainer.early_stopping_patience=1", "trainer.min_delta=100", "trainer.lr_schedule=cosine",
+                 "trainer.keep_checkpoints=true"))
     found = only_run(client)
     run_id = found.info.run_id
     assert [step for step, _ in history(client, run_id, "val_loss")] == [1, 2, 3]

@@ -192,9 +192,9 @@ def test_a_feature_store_that_fills_up_while_writing_falls_back_without_a_partia
     frozen_features = feature_store_module()
     store = mounts.tmpfs(tmp_path / "store", "2m")
     monkeypatch.setattr(frozen_features, "DISK_RESERVE", -2**40)  # the room check up front passes: the disk fills during the write
-    images = np.zeros((200, 4, 4, 3), np.uint8)  # 200 x 5000 floats: 4 MB
+    images = np.zeros((200, 4, 4, 3), np.uint8)  # 200 x 5000 float32: 4 MB
     with caplog.at_level(logging.WARNING):
-        assert frozen_features.FeatureStore(store, 1, 64, False).features(tiny_model(5000), images, "train") is None
+        assert frozen_features.FeatureStore(store, 1, 64, False, "float32").features(tiny_model(5000), images, "train") is None
     assert "could not store the train images' output" in caplog.text and "No space left on device" in caplog.text
     assert not list(store.rglob("*.npy"))
 

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 from runner.train import keras_trainer  # noqa: I001  (first: it puts Keras on TensorFlow before keras is imported)
 import keras
@@ -20,6 +21,7 @@ from runner.app import run
 from runner.config.schema import to_run_config
 from runner.errors import TrainingError
 from runner.train.epochs import Epochs
+from services import disk_bytes
 
 SHAPE = (32, 32, 3)
 RESNET50_LAYERS = 175
@@ -100,7 +102,8 @@ def test_frozen_layers_keep_the_loaded_weights_and_the_others_train(make_cfg, cl
     start = load_base("resnet50", None, SHAPE)
     path = tmp_path / "resnet50_notop.weights.h5"
     start.save_weights(path)
-    run(make_cfg("model=resnet50", f"model.weights={path}", "freeze_depth=150", "optimizer.lr=0.01", "trainer.epochs=1"))
+    run(make_cfg("model=resnet50", f"model.weights={path}", "freeze_depth=150", "optimizer.lr=0.01", "trainer.epochs=1",
+                 "trainer.keep_checkpoints=true"))
     checkpoint = mlflow.artifacts.download_artifacts(run_id=only_run(client).info.run_id, artifact_path="checkpoints/last.keras")
     trained = keras.saving.load_model(checkpoint).get_layer("resnet50")
     for index, (before, after) in enumerate(zip(start.layers, trained.layers)):
@@ -146,7 +149,7 @@ def test_fine_tune_lr_trains_the_head_then_the_unfrozen_layers_in_one_run(make_c
 
 
 @pytest.mark.slow
-def test_command_line_resnet50_run_in_a_pipe_is_quiet_tracked_like_linear_and_never_imports_torch(cli, client, monkeypatch):
+def test_command_line_resnet50_run_in_a_pipe_is_quiet_tracked_like_linear_and_never_imports_torch(cli, client, store, tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")  # the run lists every module it imports on stderr
     # A process: TensorFlow's native libraries write to its stderr. Progress asked for, but not a terminal.
     result = cli("model=resnet50", "model.weights=null", "freeze_depth=140", "trainer.progress=true", process=True)
@@ -172,10 +175,15 @@ def test_command_line_resnet50_run_in_a_pipe_is_quiet_tracked_like_linear_and_ne
     for key in ("test_accuracy", "test_precision", "test_recall", "test_f1", "val_accuracy"):
         assert 0.0 <= found.data.metrics[key] <= 1.0
     names = {a.path for d in ("config", "checkpoints", "plots") for a in client.list_artifacts(found.info.run_id, d)}
-    assert {"config/config.yaml", "config/overrides.yaml", "checkpoints/last.keras",
-            "plots/learning_curves.png", "plots/confusion_matrix.png"} <= names
+    assert {"config/config.yaml", "config/overrides.yaml", "plots/learning_curves.png", "plots/confusion_matrix.png"} <= names
     info = mlflow.models.get_model_info(f"runs:/{found.info.run_id}/model")
     assert "tensorflow" in info.flavors and info.signature.inputs.inputs[0].shape == (-1, 32, 32, 3)
+    # FINISHED: the checkpoints (weights and optimizer state, for a resume) are gone; the logged model holds
+    # the weights alone, and the whole run takes at most 1.2x their float32 size.
+    assert not any(name.startswith("checkpoints/") for name in names)
+    assert not list((tmp_path / "outputs").rglob("*.keras"))
+    weights = 4 * (int(params["phase1.trainable_params"]) + int(params["phase1.frozen_params"]))
+    assert disk_bytes(Path(store["artifacts"]), tmp_path / "outputs") <= 1.2 * weights
 
 
 # What TensorFlow's native libraries and progress bars would put in a log read from a pipe.

@@ -164,7 +164,9 @@ def test_sigint_during_generation_stops_at_once(runner: Callable[..., Runner]) -
     elapsed = run.stop(signal.SIGINT)
     _assert_stopped_cleanly(run, elapsed)
     assert _await_gone(workers, run.proc.pid, timeout=1) == set()
-    assert [p.name for p in run.data.iterdir() if not p.name.endswith(".lock")] == []  # no staging, no data set
+    left = [p for p in run.data.iterdir() if not p.name.endswith(".lock")]
+    assert [p.name.endswith(".partial") for p in left] == [True]  # no data set: the staging folder alone, kept to go on from
+    assert not list(left[0].rglob("*.tmp"))  # every image in it whole
 
 
 @pytest.mark.slow

@@ -233,8 +233,8 @@ def test_sweep_interrupted_in_its_second_job_resumes_each_job_once_under_the_sam
     env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"], "CRACK_RUNNER_DATA": str(data_cache)}
     artifacts = Path(store["artifacts"])
 
-    def second_job_checkpoint() -> bool:
-        return len([p for p in artifacts.glob("*/artifacts/checkpoints/last.pt") if p.stat().st_size]) >= 2
+    def second_job_checkpoint() -> bool:  # the first job's were deleted when it FINISHED: a checkpoint now is the second's
+        return len(list(artifacts.glob("*/artifacts/history.json"))) >= 2 and checkpoint_logged(artifacts)()
 
     cmd = [sys.executable, "-m", "runner", "-m", *TINY, f"tracking.artifact_root={store['artifacts']}", *sweep, *LONG]
     result = start_and_interrupt(env, cmd, tmp_path, second_job_checkpoint, signal.SIGTERM)

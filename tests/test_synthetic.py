@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from crack_runner.datasets import synthetic
 from crack_runner.datasets.errors import DataError
 from crack_runner.datasets.synthetic import CLASS_NAMES, MARKER_NAME, generate
 
@@ -61,7 +62,7 @@ def test_marker_makes_second_call_a_no_op(tmp_path: Path) -> None:
     mtimes = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
     assert generate(root, 2, SIZE, seed=0, workers=2) == root
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == mtimes
-    assert list(tmp_path.iterdir()) == [root]  # no staging folder left behind
+    assert [p for p in tmp_path.iterdir() if p.suffix != ".lock"] == [root]  # no staging folder left behind
 
 
 def test_other_parameters_replace_a_generated_set(tmp_path: Path) -> None:
@@ -69,7 +70,7 @@ def test_other_parameters_replace_a_generated_set(tmp_path: Path) -> None:
     generate(root, 2, SIZE, seed=0, workers=1)
     generate(root, 3, SIZE, seed=0, workers=1)
     assert len(list((root / "Positive").glob("*.jpg"))) == 3
-    assert list(tmp_path.iterdir()) == [root]
+    assert [p for p in tmp_path.iterdir() if p.suffix != ".lock"] == [root]
 
 
 def test_foreign_folder_is_not_overwritten(tmp_path: Path) -> None:
@@ -82,11 +83,27 @@ def test_foreign_folder_is_not_overwritten(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == [root]
 
 
-def test_failed_generation_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def explode(*args: object) -> None:
-        raise RuntimeError("interrupted")
+def test_an_interrupted_generation_leaves_no_set_and_the_next_call_renders_only_the_rest(
+    reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    render_job, made = synthetic._render_job, []
 
-    monkeypatch.setattr("crack_runner.datasets.synthetic._render_job", explode)
-    with pytest.raises(RuntimeError):
-        generate(tmp_path / "data", 2, SIZE, workers=1)
-    assert list(tmp_path.iterdir()) == []
+    def stop_after_three(job: object) -> None:
+        if len(made) == 3:
+            raise KeyboardInterrupt  # Ctrl-C
+        render_job(job)
+        made.append(job)
+
+    monkeypatch.setattr(synthetic, "_render_job", stop_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        generate(tmp_path / "data", PER_CLASS, SIZE, seed=3, workers=1)
+    assert not (tmp_path / "data").exists()  # never a half-filled set
+    (partial,) = tmp_path.glob(".data.*.partial")
+    assert len(list(partial.rglob("*.jpg"))) == 3 and not list(partial.rglob("*.tmp"))
+
+    rendered: list[object] = []
+    monkeypatch.setattr(synthetic, "_render_job", lambda job: (rendered.append(job), render_job(job)))
+    root = generate(tmp_path / "data", PER_CLASS, SIZE, seed=3, workers=1)
+    assert len(rendered) == 2 * PER_CLASS - 3
+    assert _contents(root) == _contents(reference)  # the same set as one never interrupted
+    assert not partial.exists()

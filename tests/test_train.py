@@ -18,7 +18,7 @@ from runner.errors import TrainingError
 
 @pytest.fixture
 def finished_run(make_cfg, client):
-    objective = run(make_cfg("optimizer.lr=0.001"))
+    objective = run(make_cfg("optimizer.lr=0.001", "trainer.keep_checkpoints=true"))
     (found,) = client.search_runs(client.get_experiment_by_name("crack-classification").experiment_id)
     return found, objective
 
@@ -106,3 +106,13 @@ def test_bf16_mixed_precision_trains_like_float32_up_to_rounding(make_cfg, clien
         theirs = [m.value for m in client.get_metric_history(full.info.run_id, key)]
         assert ours != theirs  # it did compute in bfloat16
         np.testing.assert_allclose(ours, theirs, rtol=0.1)  # measured: within 3%
+
+
+def test_a_cuda_gpu_is_used_when_present(make_cfg, client):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU on this machine: the linear model trains on the CPU (param device=cpu)")
+    run(make_cfg())
+    (found,) = client.search_runs(client.get_experiment_by_name("crack-classification").experiment_id)
+    assert found.info.status == "FINISHED" and found.data.params["device"] == "cuda"

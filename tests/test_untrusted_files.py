@@ -77,7 +77,7 @@ class Trained:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, data_cache: Path) -> Trained:
     folder = tmp_path_factory.mktemp("untrusted")
-    run(config(folder, data_cache))
+    run(config(folder, data_cache, "trainer.keep_checkpoints=true"))  # the checkpoints a resume would read
     client = mlflow.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
     (found,) = client.search_runs([client.get_experiment_by_name("crack-classification").experiment_id])
     return Trained(folder, found.info.run_id)

@@ -168,6 +168,7 @@ USED_WHEN: list[tuple[str, Callable[[Any], bool], str]] = [
     ("trainer.cache_frozen_features", lambda r: r.model.framework == "keras", "choose model=resnet50 or model=vgg16"),
     ("trainer.feature_cache_dir", lambda r: r.model.framework == "keras", "choose model=resnet50 or model=vgg16"),
     ("trainer.feature_cache_gb", lambda r: r.model.framework == "keras", "choose model=resnet50 or model=vgg16"),
+    ("trainer.feature_cache_dtype", lambda r: r.model.framework == "keras", "choose model=resnet50 or model=vgg16"),
     ("dataset.url", lambda r: not r.dataset.path, "drop dataset.path to download from dataset.url"),
     ("dataset.sha256", lambda r: not r.dataset.path, "drop dataset.path to download and check the archive"),
 ]

@@ -14,6 +14,7 @@ import logging
 import os
 import platform
 import re
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
@@ -74,6 +75,7 @@ class Tracker:
         self.model_uri: str | None = None
         self.model_metadata: dict[str, Any] = {}  # saved in the MLmodel file, e.g. class names
         self.notes: list[str] = []  # what the end-of-run summary must say besides the metrics (e.g. a degenerate model)
+        self.when_finished: list[Callable[[], None]] = []  # run once the run is recorded FINISHED (e.g. dropping what only a resume needs)
 
     @contextmanager
     def writing_artifacts(self) -> Iterator[None]:
@@ -127,6 +129,21 @@ class Tracker:
             raise
         os.replace(staged, target)
         return True
+
+    def delete_artifacts(self, artifact_path: str) -> None:
+        """Delete the run's artifacts under ``artifact_path``: in a local store the files, elsewhere through MLflow's repository.
+
+        A store that cannot delete (some remote ones) keeps them, with a warning.
+        """
+        if self.artifact_uri.startswith("file://"):
+            shutil.rmtree(Path(self.artifact_uri.removeprefix("file://"), artifact_path), ignore_errors=True)
+            return
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        try:
+            get_artifact_repository(self.artifact_uri).delete_artifacts(artifact_path)
+        except (NotImplementedError, mlflow.exceptions.MlflowException, OSError) as err:
+            log.warning("run %s: its artifacts %s/ could not be deleted from %s (%s); they stay", self.run_id, artifact_path, self.artifact_uri, err)
 
     def log_json(self, data: Any, name: str) -> None:
         with self.writing_artifacts():
@@ -317,6 +334,9 @@ def start_run(cfg: DictConfig, spec: RunSpec) -> Iterator[Tracker]:
         lease.release()
         if lease.lost is None:
             _end_run(tracker.run_id, status)
+            if status == RunStatus.to_string(RunStatus.FINISHED):
+                for step in tracker.when_finished:
+                    step()
         else:
             _leave_run(tracker.run_id, lease.lost)
 

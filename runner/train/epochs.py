@@ -12,6 +12,7 @@ checkpoint, early stopping, the rate schedule) is a function of the history alon
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -29,6 +30,7 @@ from runner.train.schedules import Schedule, epoch_lr
 
 log = logging.getLogger(__name__)
 
+CHECKPOINTS = "checkpoints"  # the folder of the checkpoints among the run's artifacts
 HISTORY = "history.json"  # the epochs so far, rewritten each epoch (a resumed run redraws its curves from it)
 EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
 DIVERGED_FACTOR = 10.0  # a validation loss this many times its lowest so far is reported as divergence
@@ -123,11 +125,15 @@ class Epochs:
     """The epoch history of one run and where its checkpoints go (``checkpoint``, in the run's own folder).
 
     The last epoch's checkpoint is ``checkpoint`` (last.pt / last.keras); the best epoch's
-    (by ``policy.monitor``) is kept beside it as best.pt / best.keras.
+    (by ``policy.monitor``) is kept beside it as best.pt / best.keras. Unless ``keep``
+    (trainer.keep_checkpoints), both are deleted, from the folder and the run's artifacts, once
+    the run is recorded FINISHED: they hold the optimizer's state, which only a resume needs
+    (a KILLED or FAILED run keeps them), and the logged model holds the weights the run reports.
     """
 
     def __init__(
-        self, tracker: Tracker, checkpoint: Path, history: list[dict[str, Any]] | None = None, policy: EpochPolicy | None = None
+        self, tracker: Tracker, checkpoint: Path, history: list[dict[str, Any]] | None = None, policy: EpochPolicy | None = None,
+        keep: bool = True,
     ) -> None:
         self.tracker = tracker
         self.checkpoint = checkpoint
@@ -138,6 +144,20 @@ class Epochs:
         self.rate: float | None = None  # the rate of the epoch under way, set by begin()
         self.diverged = False
         self.selected: int | None = None  # the epoch whose weights the model holds after finish()
+        if not keep:
+            tracker.when_finished.append(self.drop_checkpoints)
+
+    def drop_checkpoints(self) -> None:
+        """Delete the checkpoints of a FINISHED run (see the class); a file that will not go is said, the run stays FINISHED."""
+        try:
+            for path in (self.checkpoint, self.best_checkpoint):
+                path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # not empty: something else lives there
+                self.checkpoint.parent.rmdir()
+        except OSError as err:
+            log.warning("the checkpoints in %s could not be deleted (%s); set trainer.keep_checkpoints=true to keep them", self.checkpoint.parent, err)
+        self.tracker.delete_artifacts(CHECKPOINTS)
+        log.info("checkpoints deleted now that the run is FINISHED (only a resume needs them; trainer.keep_checkpoints=true keeps them)")
 
     def begin(self, phase: str, base_lr: float, phase_epochs: int) -> float:
         """The rate to train the next epoch of ``phase`` at (trainer.lr_schedule from ``base_lr``), logged as ``lr`` by end()."""
@@ -175,9 +195,9 @@ class Epochs:
         self.tracker.log_metrics({k: v for k, v in entry.items() if k not in ("step", "phase")}, step=step)
         self.history.append(entry)
         self.tracker.log_json(self.history, HISTORY)
-        self.tracker.log_artifact(self.checkpoint, "checkpoints")
+        self.tracker.log_artifact(self.checkpoint, CHECKPOINTS)
         if improved:  # after last: a resumed run whose best artifact lags finds its best in last (see rewind)
-            self.tracker.log_artifact(self.best_checkpoint, "checkpoints")
+            self.tracker.log_artifact(self.best_checkpoint, CHECKPOINTS)
         shown = [f"{k}={v:.4f}" for k, v in values.items()] + ([f"lr={self.rate:.4g}"] if self.rate is not None else [])
         log.info("epoch %d [%s] %s%s", step, phase, "  ".join(shown), f"  (best {self.policy.monitor})" if improved else "")
         self._check_divergence(step, values["val_loss"], lowest, lr_key)

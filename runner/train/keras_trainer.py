@@ -98,7 +98,11 @@ class KerasModel:
         return probs
 
     def log_model(self, tracker: Tracker, example: np.ndarray) -> str:
-        """Log with mlflow.tensorflow, which saves the Keras model in its .keras format.
+        """Log with mlflow.tensorflow, which saves the Keras model in its .keras format, weights without optimizer state.
+
+        What is logged is the classifier's layers as an uncompiled model: the optimizer's
+        moments (twice the trainable weights for Adam) serve only a resume, which reads the
+        run's checkpoints, so the logged model is the size of its weights.
 
         Preprocessing and softmax are inside the model and it holds only built-in layers, so
         ``mlflow.pyfunc.load_model`` loads it anywhere, without pickle: Keras reads the .keras
@@ -106,11 +110,12 @@ class KerasModel:
         (mlflow.keras.log_model fails on an input example in MLflow 3.x: it writes the example
         before creating the model folder.)
         """
+        inference = keras.Model(self.model.inputs, self.model.outputs, name=self.model.name)  # the same layers, not compiled
         return tracker.log_model(
             "tensorflow",
-            self.model,
+            inference,
             example.astype(np.float32),
-            lambda x: self.model.predict(x, verbose=0),  # the logged model itself, as pyfunc will run it
+            lambda x: inference.predict(x, verbose=0),  # the logged model itself, as pyfunc will run it
             requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}", "numpy"],
         )
 
@@ -333,7 +338,7 @@ def image_batches(run: RunConfig, data: DataSplits, epochs: range) -> tuple[tf.d
 
 def frozen_shortcut(run: RunConfig, model: keras.Model, base: keras.Model, data: DataSplits, phases: list[Phase], tracker: Tracker) -> FrozenShortcut | None:
     """The frozen layers' stored output to train on (trainer.cache_frozen_features), or None for the plain path,
-    which augmentation needs (the stored output holds the images unchanged)."""
+    which augmentation needs (the stored output holds the images unchanged), as does a store too small for it."""
     if not run.trainer.cache_frozen_features:
         return None
     if run.augment.enabled:
@@ -341,9 +346,14 @@ def frozen_shortcut(run: RunConfig, model: keras.Model, base: keras.Model, data:
                  "their stored output holds the images unchanged)", run.augment.name)
         tracker.log_params({"frozen_features": "through the layers: augment is on"})
         return None
-    store = FeatureStore(Path(run.trainer.feature_cache_dir), run.trainer.feature_cache_gb, run.trainer.batch_size, run.trainer.progress)
+    trainer = run.trainer
+    store = FeatureStore(Path(trainer.feature_cache_dir), trainer.feature_cache_gb, trainer.batch_size, trainer.progress, trainer.feature_cache_dtype)
     fine_tune_depth = phases[-1].freeze_depth if len(phases) > 1 else None
-    return FrozenShortcut(model, base, data, run.trainer.batch_size, run.seed, store, fine_tune_depth)
+    shortcut = FrozenShortcut(model, base, data, trainer.batch_size, run.seed, store, fine_tune_depth)
+    if not shortcut.fits(phases[0].freeze_depth):
+        tracker.log_params({"frozen_features": "through the layers: the store cannot hold them"})
+        return None
+    return shortcut
 
 
 def log_phase(tracker: Tracker, number: int, count: int, phase: Phase, model: keras.Model, base: keras.Model, cut: CutModel | None) -> None:

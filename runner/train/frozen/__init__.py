@@ -48,9 +48,28 @@ class FrozenShortcut:
         self.cut: CutModel | None = None  # the current phase's cut, when it trains on stored output
         self.features: tuple[np.ndarray, np.ndarray] | None = None  # that output for the train and val images
         self.later: CutModel | None = None  # the fine-tune phase's cut, known before the first phase
+        self.tail: keras.Model | None = None  # with `later`, the rest of the frozen base on its output (phase 1's pooled vectors)
         if fine_tune_depth is not None:
             freeze(base, fine_tune_depth)
             self.later = cut_after_frozen(model, base)
+            if self.later is not None and self.later.cut != POOL:
+                self.tail = tail_after(base, self.later.cut)
+
+    def fits(self, first_depth: int) -> bool:
+        """Whether the store can hold what the phases train on and the test split's predictions read; said once when not.
+
+        ``first_depth``: the base layers the first phase freezes (the trainer freezes them again before compiling).
+        """
+        if self.later is None:
+            freeze(self.base, first_depth)
+        cut = self.later or cut_after_frozen(self.model, self.base)
+        if cut is None:
+            return True
+        splits = [("train", self.data.train.images), ("val", self.data.val.images), ("test", self.data.test.images)]
+        planned: list[tuple[keras.Model, np.ndarray | int, str]] = [(cut.prefix, images, name) for name, images in splits]
+        if self.tail is not None:
+            planned += [(self.tail, len(images), f"{name} pooled") for name, images in splits[:2]]
+        return self.store.room_for(planned)
 
     def begin_phase(self, first: bool, last: bool) -> CutModel | None:
         """After the phase's freeze and compile: the cut it trains after, its frozen output stored; None: the plain path.
@@ -92,4 +111,4 @@ class FrozenShortcut:
     def _pooled_via_later(self) -> tuple[np.ndarray, np.ndarray] | None:
         """Phase 1's pooled vectors by way of the fine-tune phase's stored output: the rest of the base on it."""
         maps = self._stored(self.later.prefix, self.data.train.images, self.data.val.images)
-        return None if maps is None else self._stored(tail_after(self.base, self.later.cut), *maps)
+        return None if maps is None else self._stored(self.tail, *maps)

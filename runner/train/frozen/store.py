@@ -8,9 +8,14 @@ rerun with more epochs or the test split's predictions read an entry instead of 
 layers again, and a change of weights, cut, image size, data or split makes a new entry,
 never a stale read.
 
-Layout: ``<trainer.feature_cache_dir>/<layers key>/<pixels key>-<checksum>.npy``, float32 as the
-layers compute it, memory-mapped when read. Before an entry is written, the least recently used
-entries of other runs are deleted to keep the folder under ``trainer.feature_cache_gb``.
+Layout: ``<trainer.feature_cache_dir>/<layers key>/<pixels key>-<dtype>-<checksum>.npy``,
+memory-mapped when read. ``trainer.feature_cache_dtype``: float16 by default, half of float32's
+disk and reads, and ten bits of mantissa (float32 rounding is far below what training notices:
+tested to the same test accuracy); float16 rather than bfloat16, which has three bits fewer, since
+values past float16's range (65504) are caught while writing and that entry kept in float32.
+Before an entry is written, the least recently used entries of other runs are deleted to keep
+the folder under ``trainer.feature_cache_gb``; a run whose own entries would not fit under it, or
+in the free disk, is told so at its start (:meth:`FeatureStore.room_for`) and trains through the layers.
 
 An entry is trained on only if its bytes match the checksum in its name (datasets.integrity,
 checked once per run: about 0.6 s per 1.5 GB here), so a damaged or cut-short one is
@@ -86,19 +91,30 @@ def inference_step(frozen: keras.Model) -> tf.types.experimental.PolymorphicFunc
     return tf.function(lambda x: frozen(x, training=False), input_signature=[tf.TensorSpec(frozen.inputs[0].shape, tf.float32)])
 
 
+class OutOfRange(Exception):
+    """A value the layers computed is beyond what the entry's dtype holds (float16: 65504)."""
+
+
 def compute(step: tf.types.experimental.PolymorphicFunction, images: np.ndarray, out: np.ndarray, batch_size: int, desc: str, progress: bool) -> None:
-    """``step`` (see :func:`inference_step`) over ``images`` (uint8 or float, 0..255) into ``out``, batch by batch."""
+    """``step`` (see :func:`inference_step`) over ``images`` (uint8 or float, 0..255) into ``out``, batch by batch.
+
+    Raises OutOfRange when ``out`` is narrower than float32 and a value overflows it.
+    """
     for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False, disable=not progress):
         stopping.check()  # Ctrl-C / SIGTERM: stop between batches (this pass can take minutes)
-        out[start : start + batch_size] = step(images[start : start + batch_size].astype(np.float32)).numpy()
+        values = step(images[start : start + batch_size].astype(np.float32)).numpy()
+        out[start : start + batch_size] = values
+        if out.dtype != values.dtype and not np.isfinite(out[start : start + batch_size]).all():
+            raise OutOfRange(f"a value of {np.abs(values).max():.4g} is beyond {out.dtype}")
 
 
 class FeatureStore:
     """Frozen-layer outputs on disk under ``root``, at most ``max_gb`` gigabytes of them kept between runs."""
 
-    def __init__(self, root: Path, max_gb: float, batch_size: int, progress: bool) -> None:
+    def __init__(self, root: Path, max_gb: float, batch_size: int, progress: bool, dtype: str = "float16") -> None:
         self.root, self.max_bytes = Path(root), int(max_gb * 1e9)
         self.batch_size, self.progress = batch_size, progress
+        self.dtype = np.dtype(dtype)
         self.in_use: set[Path] = set()  # entries this run reads: never evicted by it
         # id(frozen model) -> (the model, its layers key, its traced step); holding the model keeps its id unique
         self.keys: dict[int, tuple[keras.Model, str, tf.types.experimental.PolymorphicFunction]] = {}
@@ -111,12 +127,7 @@ class FeatureStore:
 
         None when the disk cannot hold it or take the write: the caller then runs the layers as part of the model.
         """
-        if id(frozen) not in self.keys:  # once per model: hashing the weights takes a moment, tracing too
-            self.keys[id(frozen)] = frozen, layers_key(frozen), inference_step(frozen)
-        _, key, step = self.keys[id(frozen)]
-        if id(images) not in self.pixel_keys:
-            self.pixel_keys[id(images)] = images, pixels_key(images)
-        folder, stem = self.root / key, self.pixel_keys[id(images)][1]
+        folder, stem, step = self._entry(frozen, images)
         shape = (len(images), *frozen.outputs[0].shape[1:])
         path = self._find(folder, stem, name, len(images))
         if path is None:
@@ -135,6 +146,47 @@ class FeatureStore:
                 return None
         self.in_use.add(path)
         return np.load(path, mmap_mode="r")
+
+    def room_for(self, planned: list[tuple[keras.Model, np.ndarray | int, str]]) -> bool:
+        """Whether the entries a run will use fit under trainer.feature_cache_gb and in the free disk; if not, it says so once.
+
+        ``planned``: (frozen layers, their input, what it is) for each entry; an input known
+        only by its count (computed during the run) is counted as to be written.
+        """
+        total = new = 0
+        names = []
+        for frozen, images, name in planned:
+            size = (images if isinstance(images, int) else len(images)) * math.prod(frozen.outputs[0].shape[1:]) * self.dtype.itemsize
+            total += size
+            names.append(name)
+            if isinstance(images, int):
+                new += size
+                continue
+            folder, stem, _ = self._entry(frozen, images)
+            if not any(folder.glob(f"{stem}-*.npy")):
+                new += size
+        where = self.root if self.root.exists() else next(p for p in self.root.parents if p.exists())
+        free = shutil.disk_usage(where).free - DISK_RESERVE
+        if total <= self.max_bytes and new <= free:
+            return True
+        needed = f"this run's frozen features ({', '.join(dict.fromkeys(names))}, {self.dtype.name}) need {total / 1e9:.2f} GB"
+        if total > self.max_bytes:
+            log.warning("frozen features: %s, over trainer.feature_cache_gb=%g: training through the frozen layers every epoch "
+                        "instead (slower; set trainer.feature_cache_gb=%d or more to store them)", needed, self.max_bytes / 1e9, math.ceil(total / 1e9))
+        else:
+            log.warning("frozen features: %s to write and %s has %.2f GB free (keeping 1 GB): training through the frozen layers every "
+                        "epoch instead (slower; free space, or set trainer.feature_cache_dir to a folder on a larger disk)",
+                        needed, where, max(free, 0) / 1e9)
+        return False
+
+    def _entry(self, frozen: keras.Model, images: np.ndarray) -> tuple[Path, str, tf.types.experimental.PolymorphicFunction]:
+        """The folder and file stem of what ``frozen`` computes for ``images``, and ``frozen`` as one traced step."""
+        if id(frozen) not in self.keys:  # once per model: hashing the weights takes a moment, tracing too
+            self.keys[id(frozen)] = frozen, layers_key(frozen), inference_step(frozen)
+        _, key, step = self.keys[id(frozen)]
+        if id(images) not in self.pixel_keys:
+            self.pixel_keys[id(images)] = images, pixels_key(images)
+        return self.root / key, f"{self.pixel_keys[id(images)][1]}-{self.dtype.name}", step
 
     def _find(self, folder: Path, stem: str, name: str, count: int) -> Path | None:
         """The entry of these pixels whose bytes match its checksum, marked recently used (evicted last), or None."""
@@ -164,7 +216,7 @@ class FeatureStore:
             damaged.unlink()
         if not (folder / MADE_BY).exists():
             integrity.write_json(folder / MADE_BY, made_by())
-        size = math.prod(shape) * 4
+        size = math.prod(shape) * self.dtype.itemsize
         self._make_room(size)
         free = shutil.disk_usage(self.root).free
         if size > free - DISK_RESERVE:
@@ -177,22 +229,31 @@ class FeatureStore:
         start = time.perf_counter()
         partial = folder / f"{stem}.partial.npy"  # a killed run leaves no entry that looks whole
         try:
-            out = integrity.allocate_npy(partial, np.float32, shape)  # a disk filled meanwhile fails here, not with SIGBUS part-way
             try:
-                compute(step, images, out, self.batch_size, f"frozen layers: {name}", self.progress)
-                out.flush()
-            finally:
-                del out
+                self._compute_into(partial, self.dtype, step, images, shape, name)
+            except OutOfRange as err:
+                log.warning("frozen features: %s (%s images): %s; this entry is stored in float32", name, len(images), err)
+                self._compute_into(partial, np.dtype(np.float32), step, images, shape, name)
             path = folder / f"{stem}-{integrity.file_checksum(partial)}.npy"
             os.replace(partial, path)
         finally:
             partial.unlink(missing_ok=True)
         self.intact[(path, path.stat().st_ino)] = True
         log.info(
-            "frozen features: %s, %d images through the frozen layers in %.1f s (%s floats each, %.2f GB in %s)",
-            name, len(images), time.perf_counter() - start, "x".join(map(str, shape[1:])), size / 1e9, path,
+            "frozen features: %s, %d images through the frozen layers in %.1f s (%s values each, %.2f GB in %s)",
+            name, len(images), time.perf_counter() - start, "x".join(map(str, shape[1:])), path.stat().st_size / 1e9, path,
         )
         return path
+
+    def _compute_into(
+        self, partial: Path, dtype: np.dtype, step: tf.types.experimental.PolymorphicFunction, images: np.ndarray, shape: tuple[int, ...], name: str
+    ) -> None:
+        out = integrity.allocate_npy(partial, dtype, shape)  # a disk filled meanwhile fails here, not with SIGBUS part-way
+        try:
+            compute(step, images, out, self.batch_size, f"frozen layers: {name}", self.progress)
+            out.flush()
+        finally:
+            del out
 
     def _make_room(self, size: int) -> None:
         """Delete the least recently used entries not in use here until ``size`` more bytes fit under the limit."""
