@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import plain_linear  # noqa: E402
 from stages import PROFILE_HEADERS, bookkeeping_stages, compose_cfg, profile_rows, timed_run  # noqa: E402
 
-import datasets  # noqa: E402
+from crack_runner import datasets  # noqa: E402
 from runner import app  # noqa: E402
 from runner.config.schema import register_schemas, to_run_config  # noqa: E402
 from runner.train import torch_trainer  # noqa: E402

@@ -171,7 +171,7 @@ def run_spec(run_cfg: RunConfig, job: JobContext, experiment_id: str, trainer: T
         "num_val": len(data.val),
         "num_test": len(data.test),
     }
-    name = run_cfg.tracking.run_name or " ".join([run_cfg.model.name, *job.overrides])
+    name = run_cfg.tracking.run_name or job.run_name(run_cfg.model.name)
     return RunSpec(
         experiment_id, name, tags, params, job.overrides, job.sweep, job.sweep_parent, run_cfg.resume,
         run_cfg.tracking.system_metrics_interval if run_cfg.tracking.system_metrics else None,

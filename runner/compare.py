@@ -21,82 +21,14 @@ import os
 import sys
 from pathlib import Path
 
-import mlflow
 import pandas as pd
-from mlflow.exceptions import MlflowException
-from tabulate import tabulate
 
 from runner.config.redact import command_logging, redact
-from runner.config.schema import MINIMISED
 from runner.deploy.onnx_export import export_champion
 from runner.errors import USER_ERRORS, RunnerError
-from runner.track.lease import SWEEP_PARENT_ROLE, split_overrides
+from runner.report.runs import CURVES_RUNS, EPOCH_METRIC, load_runs, ranked, render, table, write_curves
 from runner.track.registry import Champion, register_champion
-from runner.track.store import check_server
-from runner.track.tracking import SELECTED
 from runner.train.metrics import DEGENERATE_TAG
-
-log = logging.getLogger("runner.compare")
-
-DEFAULT_METRICS = ("val_accuracy", "test_accuracy", "test_balanced_accuracy", "test_f1", "test_roc_auc", "test_loss", "best_epoch")
-# Params that differ between runs without being a choice of the user.
-NOISE_PARAMS = {"num_train", "num_val", "num_test", "threads", "trainer.num_threads", "device"}
-CURVES_RUNS = 10  # runs drawn by --curves, best first: more lines are no longer readable
-EPOCH_METRIC = "val_accuracy"  # the per-epoch curve of --curves
-
-
-def load_runs(uri: str, experiment: str, sweep: str | None, latest_sweep: bool) -> tuple[pd.DataFrame, str | None]:
-    """Finished and failed runs (no sweep parents) of ``experiment``, narrowed to one sweep if asked."""
-    check_server(uri)
-    mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        raise RunnerError(f"no experiment {experiment!r} in the store {uri}. Pass --experiment NAME or --tracking-uri.")
-    if latest_sweep and sweep is None:
-        parents = client.search_runs(
-            [exp.experiment_id], f"tags.sweep_role = '{SWEEP_PARENT_ROLE}'", order_by=["attributes.start_time DESC"], max_results=1
-        )
-        sweep = parents[0].data.tags["sweep_id"] if parents else None
-    query = f"tags.sweep_id = '{sweep}'" if sweep else ""
-    runs = mlflow.search_runs([exp.experiment_id], filter_string=query, output_format="pandas")
-    if not runs.empty and "tags.sweep_role" in runs:
-        runs = runs[runs["tags.sweep_role"].isna()]
-    if not runs.empty and "tags.cv_role" in runs:  # a cross-validation is its parent's row
-        runs = runs[runs["tags.cv_role"] != "fold"]
-    for name in ("val_loss", "val_accuracy"):  # the kept epoch's (trainer.select), not the last epoch's, where logged
-        if f"metrics.{SELECTED}{name}" in runs and f"metrics.{name}" in runs:
-            runs[f"metrics.{name}"] = runs[f"metrics.{SELECTED}{name}"].fillna(runs[f"metrics.{name}"])
-    if runs.empty:
-        where = f"sweep {sweep!r}" if sweep else f"experiment {experiment!r}"
-        raise RunnerError(f"no runs in {where} of {uri}. Run `python -m runner -m ...` first, or pass --all.")
-    return runs, sweep
-
-
-def table(runs: pd.DataFrame, metric: str, metrics: tuple[str, ...] = DEFAULT_METRICS) -> pd.DataFrame:
-    """One row per run: the params that differ between runs, then the final metrics, best first."""
-    param_cols = [c for c in runs.columns if c.startswith("params.") and c[len("params.") :] not in NOISE_PARAMS]
-    varying = [c for c in param_cols if runs[c].astype(str).nunique(dropna=False) > 1]
-    metric_cols = [f"metrics.{m}{std}" for m in dict.fromkeys((metric, *metrics)) for std in ("", STD) if f"metrics.{m}{std}" in runs]
-    if f"metrics.{metric}" not in runs:
-        raise RunnerError(f"no run logged the metric {metric!r}. Use --metric with one of: {', '.join(metrics)}.")
-    folds = ["tags.cv_folds"] if "tags.cv_folds" in runs and runs["tags.cv_folds"].notna().any() else []
-    out = runs[["run_id", "status", *varying, *folds, *metric_cols]].copy()
-    out["run_id"] = out["run_id"].str[:8]
-    if f"tags.{DEGENERATE_TAG}" in runs:  # a model that predicts one class: its metrics are no ranking of skill
-        marks = runs[f"tags.{DEGENERATE_TAG}"]
-        out["status"] = [s if pd.isna(m) else f"{s} {DEGENERATE_TAG}={m}" for s, m in zip(out["status"], marks)]
-    out = out.rename(columns=lambda c: c.split(".", 1)[1] if c.startswith(("params.", "metrics.", "tags.")) else c)
-    out = out.rename(columns={"cv_folds": "folds"})
-    return out.sort_values(metric, ascending=metric in MINIMISED, na_position="last").reset_index(drop=True)
-
-
-STD = "_std"  # a cross-validation parent's metric spread over its folds
-
-
-def ranked(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """``runs`` best ``metric`` first (a column that :func:`table` has checked), runs without it last."""
-    return runs.sort_values(f"metrics.{metric}", ascending=metric in MINIMISED, na_position="last", kind="stable")
 
 
 def best_run(runs: pd.DataFrame, metric: str) -> pd.Series:
@@ -117,57 +49,6 @@ def register_best(runs: pd.DataFrame, metric: str, name: str, tracking_uri: str)
     if not isinstance(model_uri, str):  # logged before runs tagged their model
         model_uri = f"runs:/{best['run_id']}/model"
     return register_champion(tracking_uri, name, best["run_id"], model_uri, metric, float(best[f"metrics.{metric}"]))
-
-
-def run_labels(runs: pd.DataFrame) -> dict[str, str]:
-    """Per run id: its command-line overrides that not all the runs share (``optimizer.lr=0.01``; else its name), and its short id."""
-    given = {row["run_id"]: split_overrides(str(row.get("tags.overrides") or "")) for _, row in runs.iterrows()}
-    names = dict(zip(runs["run_id"], runs.get("tags.mlflow.runName", runs["run_id"])))
-    shared = set.intersection(*(set(overrides) for overrides in given.values())) if given else set()
-    labels = {}
-    for run_id, overrides in given.items():
-        own = " ".join(o for o in overrides if o not in shared) or str(names[run_id])
-        labels[run_id] = f"{own[:60]}{'...' if len(own) > 60 else ''} ({run_id[:8]})"
-    return labels
-
-
-def write_curves(runs: pd.DataFrame, metric: str, path: Path, tracking_uri: str) -> int:
-    """Draw the best ``CURVES_RUNS`` runs' curves overlaid into ``path`` (PNG, PDF or SVG by its suffix); returns how many."""
-    from runner.report import plots
-    from runner.report.evaluate import CURVES
-
-    client = mlflow.MlflowClient(tracking_uri)
-    labels = run_labels(runs)
-    drawn = []
-    for _, row in ranked(runs, metric).head(CURVES_RUNS).iterrows():
-        try:
-            curves = mlflow.artifacts.load_dict(f"{row['artifact_uri']}/{CURVES}")
-        except (MlflowException, OSError):
-            log.warning("run %s has no %s (it failed, or was logged by an older runner): only its %s is drawn",
-                        row["run_id"], CURVES, EPOCH_METRIC)
-            curves = None
-        epochs = [(m.step, m.value) for m in sorted(client.get_metric_history(row["run_id"], EPOCH_METRIC), key=lambda m: m.step)]
-        drawn.append((labels[row["run_id"]], curves, epochs))
-    more = f", the best {CURVES_RUNS} of {len(runs)} by {metric}" if len(runs) > CURVES_RUNS else ""
-    figure = plots.runs_curves_figure(drawn, EPOCH_METRIC, f"{len(drawn)} run(s){more}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100, bbox_inches="tight")
-    plots.close(figure)
-    return len(drawn)
-
-
-def render(frame: pd.DataFrame, fmt: str) -> str:
-    """CSV keeps full precision; tables show metrics to 4 places (``mean ± std`` for cross-validations) and params as logged."""
-    if fmt == "csv":
-        return frame.to_csv(index=False)
-    frame = frame.astype(object).copy()
-    for name in [c for c in frame.columns if f"{c}{STD}" in frame.columns]:
-        spread = frame.pop(f"{name}{STD}")
-        frame[name] = [v if pd.isna(s) else f"{v:.4f} ± {s:.4f}" for v, s in zip(frame[name], spread)]
-    shown = frame.map(lambda v: f"{v:.4f}" if isinstance(v, float) else v)
-    for name in [c for c in frame.columns if c.endswith("_epoch")]:  # epochs are counts (a fold mean may not be)
-        shown[name] = [f"{v:g}" if isinstance(v, float) else v for v in frame[name]]
-    return tabulate(shown, headers="keys", tablefmt="github" if fmt == "markdown" else "simple", showindex=False, disable_numparse=True)
 
 
 def main(argv: list[str] | None = None) -> int:

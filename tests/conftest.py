@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -33,6 +34,19 @@ TINY = [
     "trainer.progress=false",
     "export.onnx=false",  # made by default for the linear model; tests/test_export.py makes and checks them
 ]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temp_under_pytest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Temporary files of the tests' own process under pytest's folder, which pytest prunes.
+
+    A run started from Python without Hydra (``runner.app.run(cfg)``) takes a temporary folder
+    for its checkpoints; in /tmp those would outlive the suite, hundreds of them per run of it.
+    """
+    saved = tempfile.tempdir
+    tempfile.tempdir = str(tmp_path_factory.mktemp("tmp"))
+    yield
+    tempfile.tempdir = saved
 
 
 @pytest.fixture(scope="session")

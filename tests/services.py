@@ -34,6 +34,9 @@ from pathlib import Path
 import requests
 
 RUNNER_USER = "runner"  # the account that jobs log in as
+# The system's temporary folder: short, and open to other users (the tests' own temporary files
+# go under pytest's folder, which only root may enter: conftest.temp_under_pytest).
+SYSTEM_TMP = os.environ.get("TMPDIR") or "/tmp"
 
 
 class Unavailable(Exception):
@@ -152,7 +155,7 @@ def start_postgres(pgpass_dir: Path) -> Postgres:
         except KeyError:
             raise Unavailable("running as root and there is no `postgres` user to own the cluster") from None
     as_owner = ["runuser", "-u", owner, "--"] if owner else []
-    folder = Path(tempfile.mkdtemp(prefix="pg-"))  # short, and outside pytest's root-only folders
+    folder = Path(tempfile.mkdtemp(prefix="pg-", dir=SYSTEM_TMP))  # short, and outside pytest's root-only folders
     if owner:
         shutil.chown(folder, owner, owner)
     port, password = free_port(), secrets.token_urlsafe(24)
@@ -255,7 +258,7 @@ def start_ray_cluster(node_envs: list[dict[str, str]], timeout: float = 120) -> 
     """
     if shutil.which("ray") is None:
         raise Unavailable("Ray is not installed (pip install -e '.[sweep]')")
-    token_dir = Path(tempfile.mkdtemp(prefix="ray-token-"))
+    token_dir = Path(tempfile.mkdtemp(prefix="ray-token-", dir=SYSTEM_TMP))
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(write_secret(token_dir / "token", secrets.token_hex(32)))}
     port = free_port()
     address = f"127.0.0.1:{port}"
@@ -263,7 +266,7 @@ def start_ray_cluster(node_envs: list[dict[str, str]], timeout: float = 120) -> 
     folders = [token_dir]
     cluster = RayCluster(address, nodes, folders, auth)
     for index, node_env in enumerate(node_envs):
-        folder = Path(tempfile.mkdtemp(prefix="ray-"))  # short: Ray's socket paths must fit in 107 bytes
+        folder = Path(tempfile.mkdtemp(prefix="ray-", dir=SYSTEM_TMP))  # short: Ray's socket paths must fit in 107 bytes
         folders.append(folder)
         role = ["--head", "--port", str(port), "--include-dashboard", "false", "--dashboard-port", str(free_port()),
                 "--ray-client-server-port", str(free_port())] if index == 0 else ["--address", address]

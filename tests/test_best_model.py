@@ -12,10 +12,10 @@ import torch
 
 from crack_runner import datasets
 from crack_runner.datasets.split import stratified_folds
-from runner import compare
 from runner.app import run
 from runner.config.schema import AugmentConfig, to_run_config
 from runner.errors import ConfigError, TrainingError
+from runner.report import runs as compared
 from runner.train import torch_trainer
 from runner.train.augment import augment
 from runner.train.metrics import classification_metrics
@@ -271,10 +271,10 @@ def test_cross_validation_is_one_parent_with_mean_and_std_and_compare_shows_it(m
     assert objective == pytest.approx(parent.data.metrics["val_accuracy"])
     assert sum(int(f.data.params["num_val"]) for f in folds) == int(folds[0].data.params["num_train"]) + int(folds[0].data.params["num_val"])
 
-    frame, _ = compare.load_runs(store["uri"], "crack-classification", None, latest_sweep=False)
-    table = compare.table(frame, "val_accuracy")
+    frame, _ = compared.load_runs(store["uri"], "crack-classification", None, latest_sweep=False)
+    table = compared.table(frame, "val_accuracy")
     assert len(table) == 1 and table["folds"][0] == "3"  # the folds are the parent's row
-    shown = compare.render(table, "table")
+    shown = compared.render(table, "table")
     assert f"{parent.data.metrics['val_accuracy']:.4f} ± {parent.data.metrics['val_accuracy_std']:.4f}" in shown
 
 

@@ -9,7 +9,7 @@ import mlflow
 import pytest
 
 import services
-from runner import compare
+from runner.report import runs as compared
 
 pytestmark = pytest.mark.slow
 
@@ -52,9 +52,20 @@ def test_multirun_of_three_learning_rates_is_one_group_and_compares(cli, store, 
     jobs = assert_grouped(store["uri"], 3)
     assert sorted(j.data.params["optimizer.lr"] for j in jobs) == ["0.001", "0.01", "0.1"]
     assert {j.data.tags["sweep_job"] for j in jobs} == {"0", "1", "2"}
+    assert all(j.info.run_name.startswith(f"optimizer.lr={j.data.params['optimizer.lr']} linear") for j in jobs)  # swept values first
 
-    runs, sweep = compare.load_runs(store["uri"], "crack-classification", None, latest_sweep=True)
-    frame = compare.table(runs, "val_accuracy")
+    # The sweep ends with its answer: every job best first, the parent run, the compare command; logged on the parent.
+    parent = jobs[0].data.tags["mlflow.parentRunId"]
+    assert f"3 job(s), best val_accuracy first (MLflow parent run {parent})" in result.stdout
+    summary = result.stdout[result.stdout.index("3 job(s), best"):]
+    assert "python -m runner.compare" in summary
+    best_first = sorted(jobs, key=lambda j: -j.data.metrics["selected_val_accuracy"])
+    assert [summary.index(j.info.run_id[:8]) for j in best_first] == sorted(summary.index(j.info.run_id[:8]) for j in jobs)
+    logged = {a.path for d in ("", "plots") for a in mlflow.MlflowClient(store["uri"]).list_artifacts(parent, d)}
+    assert {"sweep_summary.md", "plots/sweep_curves.png"} <= logged
+
+    runs, sweep = compared.load_runs(store["uri"], "crack-classification", None, latest_sweep=True)
+    frame = compared.table(runs, "val_accuracy")
     assert sweep == jobs[0].data.tags["sweep_id"]
     assert list(frame.columns[:3]) == ["run_id", "status", "optimizer.lr"]
     assert "trainer.epochs" not in frame.columns  # only the swept keys
@@ -127,3 +138,35 @@ def test_experiment_presets_compose(make_cfg):
     assert to_run_config(make_cfg("+experiment=vgg16", tiny=False)).model.name == "vgg16"
     search = make_cfg("+experiment=optuna_resnet50", tiny=False, return_hydra=True)
     assert set(search.hydra.sweeper.params) == {"optimizer.lr", "trainer.batch_size", "freeze_depth"}
+
+
+def test_compare_all_over_linear_and_keras_runs_shows_what_tells_them_apart_in_120_columns(make_cfg, store, tmp_path):
+    # The params a linear and a ResNet50 run log (their whole configs, versions, sizes), the store spelled two ways.
+    from runner.track.tracking import flatten
+
+    client = mlflow.MlflowClient(store["uri"])
+    experiment = client.create_experiment("crack-classification")
+    logged = {
+        "linear": {**flatten(make_cfg()), "framework": "torch", "torch_version": "2.13.0", "num_train": 22, "device": "cpu"},
+        "resnet50": {**flatten(make_cfg("model=resnet50", "freeze_depth=140", "fine_tune_lr=1e-5")), "framework": "keras",
+                     "tensorflow_version": "2.21.0", "keras_version": "3.15.1", "base_layers": 175, "phase1.name": "head",
+                     "phase1.trainable_params": 262402, "phase2.name": "fine_tune", "num_train": 22, "device": "cpu"},
+    }
+    for number, (model, params) in enumerate(logged.items()):
+        run = client.create_run(experiment, run_name=model)
+        uri = store["uri"] if number else store["uri"].replace(str(tmp_path), os.path.relpath(tmp_path))  # relative in one run
+        for key, value in {**params, "tracking.uri": uri}.items():
+            client.log_param(run.info.run_id, key, str(value))
+        for metric in ("val_accuracy", "test_accuracy", "test_balanced_accuracy", "test_f1", "test_roc_auc", "test_loss", "best_epoch"):
+            client.log_metric(run.info.run_id, metric, 0.5 + number / 10)
+        client.set_terminated(run.info.run_id)
+
+    shown = compare_cli(tmp_path, "--tracking-uri", store["uri"], "--all")
+    lines = shown.splitlines()
+    assert max(map(len, lines)) <= 120, shown
+    header = next(line for line in lines if line.startswith("run_id"))
+    assert header.split()[:3] == ["run_id", "status", "model.name"]  # what tells them apart
+    implied = shown[shown.index("also differing, as the columns above decide:"):]
+    assert "freeze_depth" in implied and "fine_tune_lr" in implied and "optimizer.name" in implied  # what comes with the model
+    for noise in ("tracking.uri", "framework_version", "tensorflow_version", "num_train", "phase1", "cache_dir", "device"):
+        assert noise not in shown, noise

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from runner.config.schema import RunConfig
 from runner.track.files import absolute_path, check_writable
-from runner.track.sweep import SWEEP_ID_KEY, SWEEP_PARENT_KEY
+from runner.track.sweep import SWEEP_ID_KEY, SWEEP_PARENT_KEY, SWEPT_KEY
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,12 @@ class JobContext:
     job_num: int = 0
     threads: int | None = None  # None: all cores (one job at a time)
     ray_node: str | None = None  # the Ray node running this job (Ray launcher), so a run shows where it ran
+    swept: tuple[str, ...] = ()  # the keys its sweep varies
+
+    def run_name(self, model: str) -> str:
+        """The MLflow run's name: the swept values first (a name cut short in the UI still shows them), the model, the other overrides."""
+        swept = [o for o in self.overrides if o.lstrip("+~").split("=", 1)[0] in self.swept]
+        return " ".join([*swept, model, *(o for o in self.overrides if o not in swept)])
 
 
 def job_context() -> JobContext:
@@ -49,6 +55,7 @@ def job_context() -> JobContext:
         job_num=int(hc.job.num),
         threads=_threads_per_job(hc.launcher),
         ray_node=_ray_node(),
+        swept=tuple(key for key in str(hc.job.env_set.get(SWEPT_KEY, "")).split(",") if key),
     )
 
 

@@ -31,6 +31,7 @@ from omegaconf import DictConfig, open_dict, read_write
 from runner.config.redact import redact
 from runner.config.schema import MINIMISED
 from runner.errors import USER_ERRORS, ConfigError, RunnerError, storage_error
+from runner.report.runs import report_sweep
 from runner.track import interrupt
 from runner.track.lease import SWEEP_PARENT_ROLE, Lease, join_overrides, process_tags, refuse_if_alive
 from runner.track.store import absolute_tracking_uri, open_store
@@ -39,6 +40,16 @@ from runner.track.tracking import CONFIG_HASH_TAG, SELECTED, git_commit
 log = logging.getLogger(__name__)
 
 SWEEP_ID_KEY, SWEEP_PARENT_KEY = "RUNNER_SWEEP_ID", "RUNNER_SWEEP_PARENT"  # in hydra.job.env_set
+SWEPT_KEY = "RUNNER_SWEPT"  # in hydra.job.env_set: the keys the sweep varies, comma-separated (jobs name their runs by them first)
+
+
+def swept_keys(config: DictConfig) -> list[str]:
+    """The keys a multirun varies: comma lists and sweep functions on the command line, and the sweeper's search space."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    keys = [o.key_or_group for o in overrides if o.is_sweep_override()]
+    return list(dict.fromkeys([*keys, *(str(k) for k in (config.hydra.sweeper.get("params") or {}))]))
 
 # Parent runs opened by this process and not yet closed (closed as FAILED/KILLED on a crash), with their store and lease.
 _open_parents: dict[str, tuple[str, Lease]] = {}
@@ -97,9 +108,10 @@ class MlflowSweepCallback(Callback):
             config.hydra.sweep.dir = str(folder)
             config.hydra.job.env_set[SWEEP_ID_KEY] = sweep
             config.hydra.job.env_set[SWEEP_PARENT_KEY] = run_id
+            config.hydra.job.env_set[SWEPT_KEY] = swept = ",".join(swept_keys(config))
             config.hydra.overrides.hydra.extend(
                 [f"hydra.sweep.dir='{folder}'", f"+hydra.job.env_set.{SWEEP_ID_KEY}='{sweep}'",
-                 f"+hydra.job.env_set.{SWEEP_PARENT_KEY}={run_id}"]
+                 f"+hydra.job.env_set.{SWEEP_PARENT_KEY}={run_id}", f"+hydra.job.env_set.{SWEPT_KEY}='{swept}'"]
             )
         log.info("sweep %s: MLflow parent run %s%s", sweep, run_id, f" (continued; jobs write to {folder})" if config.get("resume") else "")
 
@@ -139,6 +151,11 @@ class MlflowSweepCallback(Callback):
         if finished:
             best = (min if objective in MINIMISED else max)(finished)
             client.log_metric(self.parent, f"best_{objective}", best)
+            try:
+                report_sweep(str(client.tracking_uri), config.tracking.experiment, client.get_run(self.parent).data.tags["sweep_id"],
+                             self.parent, objective)
+            except Exception as err:  # noqa: BLE001 - the jobs are recorded: a summary that cannot be made only loses itself
+                log.warning("the sweep's summary could not be made (%s: %s); python -m runner.compare shows its jobs", type(err).__name__, err)
         close_parent(self.parent, RunStatus.to_string(RunStatus.FINISHED))
 
 

@@ -60,12 +60,18 @@ class TorchModel:
 
     @torch.no_grad()
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
-        """Float64 probabilities, so that the test loss of a confidently wrong answer is not capped by float32's smallest number."""
+        """Float64 probabilities, so that the test loss of a confidently wrong answer is not capped by float32's smallest number.
+
+        Batches are converted into one buffer, as :class:`Batches` does: a fresh float batch
+        each step left the memory allocator holding about the split's size again in floats.
+        """
         self.module.eval()
         out = []
+        floats = torch.empty((min(self.batch_size, len(images)), *images.shape[1:]), dtype=self.dtype, device=self.device)
         for i in range(0, len(images), self.batch_size):
+            batch = floats[: len(images[i : i + self.batch_size])].copy_(torch.from_numpy(np.asarray(images[i : i + self.batch_size])))
             with autocast(self.device, self.dtype):
-                logits = self.module(torch.from_numpy(images[i : i + self.batch_size]).to(self.device, self.dtype))
+                logits = self.module(batch)
             out.append(torch.softmax(logits.double(), 1).cpu())
         return torch.cat(out).numpy()
 
