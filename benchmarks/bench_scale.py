@@ -2,8 +2,7 @@
 
     python benchmarks/bench_scale.py generate --per-class 20000 --dir /tmp/scale   # the 40,000-image set, timed
     python benchmarks/bench_scale.py linear --images 10000 40000 --dir /tmp/scale  # cold (decode) and warm runs
-    python benchmarks/bench_scale.py keras --images 1000 2000 --size 227 --dir /tmp/scale
-    python benchmarks/bench_scale.py predict --images 10000 --dir /tmp/scale      # runner.predict over images
+    python benchmarks/bench_scale.py keras --images 1000 3000 --epochs 2 --dir /tmp/scale
 
 ``generate`` makes the synthetic set in the real set's layout (``<dir>/set/Positive``,
 ``Negative``) on all cores, resumable. The other commands train on the first ``--images``
@@ -131,7 +130,7 @@ def growth(results: dict[int, dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["generate", "linear", "keras", "predict", "one"])
+    parser.add_argument("what", choices=["generate", "linear", "keras", "one"])
     parser.add_argument("--dir", type=Path, required=True, help="the set (<dir>/set), data cache, store and runs")
     parser.add_argument("--per-class", type=int, default=20000)
     parser.add_argument("--images", type=int, nargs="+", default=[10000, 40000])
@@ -163,7 +162,7 @@ def main() -> None:
         stage_table("linear, default settings", {k: v for k, v in results.items() if isinstance(k, str)})
         print(growth({n: results[n][0] for n in args.images}) + " (cold)")
         print(growth({n: results[n][1] for n in args.images}) + " (warm)")
-    elif args.what == "keras":
+    else:
         fits = {}
         for name, overrides in KERAS_RUNS.items():
             runs = {n: measured(work, [*overrides, *sized(n)]) for n in args.images}
@@ -172,8 +171,6 @@ def main() -> None:
             print(growth(runs))
             fits[name] = again[f"{args.images[-1]} again"]
         conv5_limit(fits["ResNet50 freeze_depth=140"], args.images[-1], args.size, args.epochs)
-    else:
-        sys.exit("predict: see bench_deploy.py for runtimes; not part of this script yet")
 
 
 if __name__ == "__main__":

@@ -292,3 +292,17 @@ def test_epoch_orders_depend_on_the_seed_and_the_epoch_alone():
     assert rows(range(3, 5)) == whole[6:]
     assert sorted(sum(whole[:3], [])) == list(range(10)) and whole[:3] != whole[3:6]  # every row once, a new order each epoch
     assert rows(range(1, 5)) == whole  # iterated again: the same
+
+
+def test_a_stored_entry_made_one_tensor_is_not_held_twice(tmp_path):
+    def mapped_mb() -> int:
+        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("RssFile")) // 1024
+
+    np.save(tmp_path / "entry.npy", np.ones((64, 2**20 // 2), np.float16))  # 64 MB, as the store writes an entry
+    entry = np.load(tmp_path / "entry.npy", mmap_mode="r")
+    before = mapped_mb()
+    rows = tfdata.batch_rows(len(entry), 16)
+    batch = next(iter(tfdata.batches(entry, None, rows)))
+    assert batch.shape == (16, 2**20 // 2) and float(batch[0, 0]) == 1.0
+    assert mapped_mb() < before + 32  # its pages were read into the tensor, then let go
+    np.testing.assert_array_equal(entry[:2], 1)  # still readable: mapped again from the file

@@ -8,6 +8,7 @@ and a run resumed at epoch e sees the orders of a run never stopped, with no ite
 
 from __future__ import annotations
 
+import mmap
 import os
 from collections.abc import Callable
 
@@ -43,6 +44,17 @@ def batch_rows(count: int, batch_size: int, shuffle_seed: int | None = None, epo
 IN_MEMORY = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 8
 
 
+def release_pages(array: np.ndarray) -> None:
+    """Drop a memory-mapped file's pages from this process once its rows are copied elsewhere.
+
+    Mapped pages count in the process's resident memory while mapped: a stored entry made into
+    one tensor would otherwise count twice. The file is read-only, so a later read maps them again.
+    """
+    mapped = getattr(array, "_mmap", None)  # np.load(..., mmap_mode="r"): the feature store's entries
+    if mapped is not None and getattr(array, "mode", None) == "r":  # never a copy-on-write one: its changed pages would be lost
+        mapped.madvise(mmap.MADV_DONTNEED)
+
+
 def batch_seeds(count: int, batch_size: int, seed: int, epochs: range) -> tf.data.Dataset:
     """One random seed per batch of :func:`batch_rows` (same arguments), for what changes each batch (augmentation).
 
@@ -73,6 +85,7 @@ def batches(
     targets = None if labels is None else tf.convert_to_tensor(labels)
     if array.nbytes <= IN_MEMORY:
         source = tf.convert_to_tensor(np.asarray(array))
+        release_pages(array)
 
         def gather(rows: tf.Tensor) -> tf.Tensor:
             return tf.gather(source, rows)
