@@ -74,10 +74,10 @@ def telling_apart(runs: pd.DataFrame) -> tuple[list[str], list[str]]:
     """(param columns that tell the runs apart, those that differ too but as the shown ones decide).
 
     Keys typed on the runs' command lines come first, then the groups' choices (``model.name``),
-    then the others by name; a key is shown
-    unless the shown keys already decide its value (the model group's own keys and optimizer
-    once ``model.name`` differs): so a sweep shows what it swept, and linear and ResNet50 runs
-    side by side show ``model.name``, not the 20 keys that come with it.
+    then the others by name; a key is shown unless the shown keys already decide its value (the
+    model group's own keys and its optimizer, once ``model.name`` differs). So a sweep shows
+    what it swept, and linear and ResNet50 runs side by side show ``model.name``, not the dozen
+    keys that come with it.
     """
     names = [c for c in runs.columns if c.startswith("params.")]
     chosen = [c for c in names if c[len("params.") :] not in NOISE_PARAMS and not c[len("params.") :].startswith(NOISE_PREFIXES)]
