@@ -335,7 +335,7 @@ class TrainerConfig:
     cache_frozen_features: bool = how()
     feature_cache_dir: str = how()  # the store, shared by runs and sweep jobs
     feature_cache_gb: float = how()  # least recently used entries beyond this are deleted
-    feature_cache_dtype: str = MISSING  # float16 (half the disk; tested to train alike) or float32 (as the layers compute it)
+    feature_cache_dtype: str = MISSING  # float32 (as the layers compute it) or float16 (half the disk; results move, see experiments.md)
     # After a run ends FINISHED, its checkpoints (last/best, with the optimizer's state: what a resume
     # needs) are deleted from its folder and artifacts; the logged model keeps the weights it reports.
     keep_checkpoints: bool = how()
@@ -362,7 +362,7 @@ class TrainerConfig:
         _check(self.precision in PRECISIONS, "trainer.precision", f"one of {', '.join(PRECISIONS)}", self.precision, 32)
         _text("trainer.feature_cache_dir", self.feature_cache_dir, "data/features")
         _non_negative("trainer.feature_cache_gb", self.feature_cache_gb, 10, " (gigabytes kept between runs)")
-        _check(self.feature_cache_dtype in FEATURE_DTYPES, "trainer.feature_cache_dtype", " or ".join(FEATURE_DTYPES), self.feature_cache_dtype, "float16")
+        _check(self.feature_cache_dtype in FEATURE_DTYPES, "trainer.feature_cache_dtype", " or ".join(FEATURE_DTYPES), self.feature_cache_dtype, "float32")
         _check(self.monitor in MONITORED, "trainer.monitor", f"one of {', '.join(MONITORED)}", self.monitor, "val_loss")
         _check(self.select in SELECTIONS, "trainer.select", f"one of {', '.join(SELECTIONS)}", self.select, "best")
         if self.early_stopping_patience is not None:

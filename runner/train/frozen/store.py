@@ -9,10 +9,11 @@ layers again, and a change of weights, cut, image size, data or split makes a ne
 never a stale read.
 
 Layout: ``<trainer.feature_cache_dir>/<layers key>/<pixels key>-<dtype>-<checksum>.npy``,
-memory-mapped when read. ``trainer.feature_cache_dtype``: float16 by default, half of float32's
-disk and reads, and ten bits of mantissa (float32 rounding is far below what training notices:
-tested to the same test accuracy); float16 rather than bfloat16, which has three bits fewer, since
-values past float16's range (65504) are caught while writing and that entry kept in float32.
+memory-mapped when read. ``trainer.feature_cache_dtype``: float32 by default, as the layers
+compute it, so training on an entry equals training through the layers; float16 halves the disk
+and reads (ten bits of mantissa: bfloat16 has three fewer, and values past float16's range,
+65504, are caught while writing and that entry kept in float32), but its rounding moves what a
+run learns where training is on a knife's edge (experiments.md: the real set's size).
 Before an entry is written, the least recently used entries of other runs are deleted to keep
 the folder under ``trainer.feature_cache_gb``; a run whose own entries would not fit under it, or
 in the free disk, is told so at its start (:meth:`FeatureStore.room_for`) and trains through the layers.
@@ -111,7 +112,7 @@ def compute(step: tf.types.experimental.PolymorphicFunction, images: np.ndarray,
 class FeatureStore:
     """Frozen-layer outputs on disk under ``root``, at most ``max_gb`` gigabytes of them kept between runs."""
 
-    def __init__(self, root: Path, max_gb: float, batch_size: int, progress: bool, dtype: str = "float16") -> None:
+    def __init__(self, root: Path, max_gb: float, batch_size: int, progress: bool, dtype: str = "float32") -> None:
         self.root, self.max_bytes = Path(root), int(max_gb * 1e9)
         self.batch_size, self.progress = batch_size, progress
         self.dtype = np.dtype(dtype)
