@@ -94,6 +94,7 @@ def generate(
         if _marker_params(root) == params:  # made by another process while this one waited
             return root
         staging.mkdir(mode=0o755, exist_ok=True)
+        _drop_unfinished(staging)  # a killed run's half-written files
         jobs = _plan_jobs(staging, samples_per_class, image_size, seed)
         todo = [job for job in jobs if not job.path.exists()]
         logger.info("Generating %d synthetic images of %d px in %s%s", len(todo), image_size, root,
@@ -101,6 +102,7 @@ def generate(
         try:
             _run_jobs(todo, workers)
         except BaseException:
+            _drop_unfinished(staging)  # the workers are gone by now (the pool joins them when it ends)
             logger.warning("synthetic images: interrupted; those made are kept in %s and the same command renders the rest", staging)
             raise
         (staging / MARKER_NAME).write_text(json.dumps(params, sort_keys=True))
@@ -231,6 +233,12 @@ def _render_job(job: _Job) -> None:
     partial = job.path.with_name(f".{job.path.name}.tmp")
     image.save(partial, "JPEG", quality=JPEG_QUALITY, optimize=False, subsampling=0)
     os.replace(partial, job.path)
+
+
+def _drop_unfinished(staging: Path) -> None:
+    """Delete the temporary files of images whose writing was cut short, so the staging folder holds whole images only."""
+    for unfinished in staging.glob("*/.*.tmp"):
+        unfinished.unlink(missing_ok=True)
 
 
 def _render_chunk(jobs: list[_Job]) -> int:

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from runner.config.keys import check_command_line
 from runner.config.schema import conf_dir, register_schemas
 from runner.errors import USER_ERRORS
-from runner.report.console import missing_plugin, register_resolvers
+from runner.report.console import missing_plugin, register_resolvers, register_sweeper
 from runner.track import interrupt
 
 log = logging.getLogger("runner")
@@ -25,6 +25,7 @@ gc.set_threshold(700, 10, 100)
 
 register_schemas()
 register_resolvers()
+register_sweeper()
 
 
 @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")

@@ -25,6 +25,7 @@ from runner.deploy.onnx_export import available as onnx_available
 from runner.errors import USER_ERRORS, storage_error
 from runner.report import summary
 from runner.report.evaluate import evaluate_and_log
+from runner.sweep.trial import Pruning, trial_pruning
 from runner.track import lineage
 from runner.track.job import JobContext, job_context, localise
 from runner.track.limits import check_limits
@@ -65,7 +66,9 @@ def _run(cfg: DictConfig) -> float:
     experiment_id = open_store(uri, run_cfg.tracking.experiment, run_cfg.tracking.artifact_root)
     may_differ = may_differ_on_resume(run_cfg)
     key = config_hash(OmegaConf.structured(run_cfg), may_differ)
-    if job.sweep_parent is not None and run_cfg.resume == job.sweep_parent:  # a sweep goes on: this job's earlier run decides
+    if job.sweep_parent is not None and run_cfg.resume == job.sweep_parent and job.trial is not None:
+        run_cfg.resume = None  # a new trial of a sweep's Optuna study: the study's history decides what is not run again
+    elif job.sweep_parent is not None and run_cfg.resume == job.sweep_parent:  # a sweep goes on: this job's earlier run decides
         earlier = earlier_attempt(uri, job.sweep_parent, key)
         if earlier is not None and earlier.info.status == "FINISHED":
             log.info("sweep job %d FINISHED before as MLflow run %s: not run again", job.job_num, earlier.info.run_id)
@@ -74,6 +77,7 @@ def _run(cfg: DictConfig) -> float:
     ran = OmegaConf.structured(run_cfg)  # what is logged and compared on resume: the config that runs
     trainer = trainer_for(run_cfg.model.framework)
     trainer.check(run_cfg)  # before the data loads and any run opens
+    pruning = trial_pruning(run_cfg, job)
     resume_from = prepare_resume(ran, run_cfg.resume, job.output_dir / "resume", may_differ) if run_cfg.resume else None
     if resume_from is not None:
         check_resume(resume_from, run_cfg.resume, trainer)  # a bad checkpoint stops us before the run reopens: it stays KILLED
@@ -84,7 +88,7 @@ def _run(cfg: DictConfig) -> float:
     if run_cfg.dataset.folds:
         return cross_validate(ran, run_cfg, spec, job.output_dir, trainer, data)[run_cfg.objective]
     with start_run(ran, spec) as tracker:
-        metrics = train_and_evaluate(run_cfg, data, tracker, trainer, job.output_dir, resume_from)
+        metrics = train_and_evaluate(run_cfg, data, tracker, trainer, job.output_dir, resume_from, pruning)
     summary.report(metrics, tracker.run_id, run_cfg.tracking.experiment, run_cfg.tracking.uri, tracker.model_uri, experiment_id, tracker.notes)
     if run_cfg.export.wanted(run_cfg.model.framework) and (run_cfg.export.onnx or onnx_available()):  # asked for: a missing extra is said
         export = run_cfg.export
@@ -94,14 +98,19 @@ def _run(cfg: DictConfig) -> float:
 
 
 def train_and_evaluate(
-    run_cfg: RunConfig, data: DataSplits, tracker: Tracker, trainer: Trainer, folder: Path, resume_from: Path | None = None
+    run_cfg: RunConfig, data: DataSplits, tracker: Tracker, trainer: Trainer, folder: Path, resume_from: Path | None = None,
+    pruning: Pruning | None = None,
 ) -> dict[str, float]:
-    """Train, score the test split and log the model, in the open run; returns the kept epoch's and the test metrics."""
+    """Train, score the test split and log the model, in the open run; returns the kept epoch's and the test metrics.
+
+    ``pruning``: asked at each epoch's end in a pruned sweep; a pruned run is tested and logged all the same.
+    """
     lineage.log_data_inputs(run_cfg.dataset, data, run_cfg.seed)
     if data.skipped:
         tracker.log_json({"skipped": data.skipped}, "data/skipped_images.json")
     history = tracker.load_json(HISTORY) if resume_from else None
-    epochs = Epochs(tracker, folder / "checkpoints" / trainer.CHECKPOINT, history, EpochPolicy.of(run_cfg.trainer), run_cfg.trainer.keep_checkpoints)
+    epochs = Epochs(tracker, folder / "checkpoints" / trainer.CHECKPOINT, history, EpochPolicy.of(run_cfg.trainer), run_cfg.trainer.keep_checkpoints,
+                    pruning)
     model = trainer.fit(run_cfg, data, tracker, epochs, resume_from)
     metrics = evaluate_and_log(model, data, tracker, epochs.selected)
     tracker.model_metadata["classes"] = data.classes

@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--all", action="store_true", help="every run of the experiment, not only the latest sweep")
     parser.add_argument("--metric", default="val_accuracy", help="sort by this metric (best first)")
     parser.add_argument("--format", choices=("table", "markdown", "csv"), default="table")
+    parser.add_argument("--each-seed", action="store_true",
+                        help="one row per run even where runs repeat a configuration over seeds (by default: one row per "
+                             "configuration, each metric's mean ± std over its seeds, ranked by the mean)")
     parser.add_argument("--output", type=Path, help="also write the table to this file")
     parser.add_argument("--curves", type=Path, metavar="FILE",
                         help=f"draw the runs' {EPOCH_METRIC} per epoch, ROC, precision-recall and reliability curves "
@@ -71,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     command_logging(logging.WARNING, "%(levelname)s %(name)s: %(message)s")
     try:
         runs, sweep = load_runs(args.tracking_uri, args.experiment, args.sweep, latest_sweep=not args.all)
-        text = render(table(runs, args.metric), args.format)
+        frame = table(runs, args.metric, each_seed=args.each_seed)
+        text = render(frame, args.format)
         drawn = write_curves(runs, args.metric, args.curves, args.tracking_uri) if args.curves else 0
         champion = register_best(runs, args.metric, args.register, args.tracking_uri) if args.register else None
         if champion is not None:
@@ -79,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"error: {redact(str(err))}", file=sys.stderr)
         return 2
-    header = f"{len(runs)} run(s) of {'sweep ' + sweep if sweep else 'experiment ' + args.experiment}, best {args.metric} first"
+    grouped = f" in {len(frame)} configurations, each the mean ± std over its seeds," if len(frame) < len(runs) else ","
+    header = f"{len(runs)} run(s) of {'sweep ' + sweep if sweep else 'experiment ' + args.experiment}{grouped} best {args.metric} first"
     notes = sys.stderr if args.format == "csv" else sys.stdout  # stdout stays machine-readable
     if args.format == "csv":
         print(header, file=sys.stderr)

@@ -414,6 +414,27 @@ class ExportConfig:
         return self.onnx if self.onnx is not None else framework == "torch"
 
 
+PRUNERS = ("none", "median", "asha", "hyperband")
+
+
+@dataclass
+class SweepConfig:
+    """How an Optuna sweep spends its trials (runner.sweep): which pruner stops them, how many run at a time, where the study lives."""
+
+    pruner: str = MISSING  # decides how far a trial trains: part of what it computes
+    min_epochs: int = MISSING
+    startup_trials: int = MISSING
+    workers: int = how()
+    storage: Optional[str] = how()
+
+    def __post_init__(self) -> None:
+        _check(self.pruner in PRUNERS, "sweep.pruner", f"one of {', '.join(PRUNERS)}", self.pruner, "median")
+        _positive("sweep.min_epochs", self.min_epochs, 2, " (epochs)")
+        _int_range("sweep.startup_trials", self.startup_trials, 0, None, 3)
+        _positive("sweep.workers", self.workers, 2, " (trials at a time)")
+        _text("sweep.storage", self.storage, "sqlite:///optuna.db", nullable=True)
+
+
 @dataclass
 class RunConfig:
     """The whole run. ``freeze_depth`` and ``fine_tune_lr`` only mean something for Keras models."""
@@ -430,6 +451,7 @@ class RunConfig:
     trainer: TrainerConfig = MISSING
     tracking: TrackingConfig = MISSING
     export: ExportConfig = MISSING
+    sweep: SweepConfig = MISSING
 
     def __post_init__(self) -> None:
         if self.model.framework != "keras":

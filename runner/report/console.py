@@ -27,7 +27,7 @@ INSTALL_ALL = "pip install -e '.[all]' (every headline command: both frameworks 
 PLUGINS = {
     "hydra/launcher=joblib": "hydra_plugins.hydra_joblib_launcher",
     "hydra/launcher=ray": "hydra_plugins.hydra_ray_launcher",
-    "hydra/sweeper=optuna": "hydra_plugins.hydra_optuna_sweeper",
+    "hydra/sweeper=optuna": "optuna",  # the sweeper is the runner's own (hydra_plugins.crack_runner_optuna), on Optuna
 }
 
 
@@ -55,6 +55,16 @@ def config_groups() -> str:
         options = sorted(f.stem for f in group.glob("*.yaml"))
         lines.append(f"{group.name}: {', '.join(options)}")
     return "\n".join(lines)
+
+
+def register_sweeper() -> None:
+    """Name the runner's sweeper to Hydra outright: Hydra finds plugins by walking the folders of ``hydra_plugins``, which an
+    editable install (pip install -e) does not show it; a built wheel's copy is found either way."""
+    from hydra.core.plugins import Plugins
+
+    from hydra_plugins.crack_runner_optuna.optuna_sweeper import OptunaSweeper
+
+    Plugins.instance().register(OptunaSweeper)
 
 
 def register_resolvers() -> None:

@@ -372,5 +372,21 @@ def gradcam_grid(
     return fig
 
 
+def trial_curves_figure(curves: list[tuple[str, list[int], list[float], bool]], monitor: str) -> Figure:
+    """A sweep's trials (label, epochs, values, pruned) in one figure: a pruned trial's line is fainter and ends in a red cross."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label, steps, values, pruned in curves:
+        ax.plot(steps, values, marker=".", alpha=0.5 if pruned else 0.9, label=label + (" (pruned)" if pruned else ""))
+        if pruned and steps:
+            ax.plot(steps[-1], values[-1], marker="x", color="red", markersize=10, markeredgewidth=2)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(monitor)
+    ax.set_title(f"{monitor} of every trial by epoch (x: pruned there)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if len(curves) <= 20:
+        ax.legend(fontsize="small", ncol=2)
+    return fig
+
+
 def close(fig: Figure) -> None:
     plt.close(fig)

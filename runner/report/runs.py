@@ -91,21 +91,31 @@ def telling_apart(runs: pd.DataFrame) -> tuple[list[str], list[str]]:
     return shown, implied
 
 
-def table(runs: pd.DataFrame, metric: str, metrics: tuple[str, ...] = DEFAULT_METRICS) -> pd.DataFrame:
+def table(runs: pd.DataFrame, metric: str, metrics: tuple[str, ...] = DEFAULT_METRICS, each_seed: bool = False) -> pd.DataFrame:
     """One row per run: the params that tell the runs apart (:func:`telling_apart`), then the final metrics, best first.
 
+    Runs that repeat a configuration over seeds (``-m seed=1,2,3 ...``) are one row per
+    configuration instead: each metric's mean and standard deviation over its seeds, ranked by
+    the mean (:func:`seed_table`); ``each_seed`` shows them one by one.
     ``attrs["implied"]``: the params that differ too, as the shown ones decide (named under the table).
     """
     varying, implied = telling_apart(runs)
     metric_cols = [f"metrics.{m}{std}" for m in dict.fromkeys((metric, *metrics)) for std in ("", STD) if f"metrics.{m}{std}" in runs]
     if f"metrics.{metric}" not in runs:
         raise RunnerError(f"no run logged the metric {metric!r}. Use --metric with one of: {', '.join(metrics)}.")
+    others = [c for c in varying if c != SEED]
+    repeated = SEED in varying and runs.groupby([runs[c].astype(str) for c in others] or [pd.Series(0, index=runs.index)]).size().max() > 1
+    if repeated and not each_seed:
+        return seed_table(runs, others, implied, metric, [c for c in metric_cols if not c.endswith(STD)])
     folds = ["tags.cv_folds"] if "tags.cv_folds" in runs and runs["tags.cv_folds"].notna().any() else []
     out = runs[["run_id", "status", *varying, *folds, *metric_cols]].copy()
     out["run_id"] = out["run_id"].str[:8]
     if f"tags.{DEGENERATE_TAG}" in runs:  # a model that predicts one class: its metrics are no ranking of skill
         marks = runs[f"tags.{DEGENERATE_TAG}"]
         out["status"] = [s if pd.isna(m) else f"{s} {DEGENERATE_TAG}={m}" for s, m in zip(out["status"], marks)]
+    if "tags.pruned" in runs and "metrics.pruned_epoch" in runs:  # stopped by a sweep's pruner: its metrics are its best epoch's so far
+        epochs = runs["metrics.pruned_epoch"]
+        out["status"] = [s if pd.isna(e) else f"{s} pruned@{int(e)}" for s, e in zip(out["status"], epochs)]
     out = out.rename(columns=lambda c: c.split(".", 1)[1] if c.startswith(("params.", "metrics.", "tags.")) else c)
     out = out.rename(columns={"cv_folds": "folds"})
     out = out.sort_values(metric, ascending=metric in MINIMISED, na_position="last").reset_index(drop=True)
@@ -113,7 +123,28 @@ def table(runs: pd.DataFrame, metric: str, metrics: tuple[str, ...] = DEFAULT_ME
     return out
 
 
-STD = "_std"  # a cross-validation parent's metric spread over its folds
+STD = "_std"  # a metric's spread: over a cross-validation's folds, or over the seeds of one configuration
+SEED = "params.seed"
+
+
+def seed_table(runs: pd.DataFrame, others: list[str], implied: list[str], metric: str, metric_cols: list[str]) -> pd.DataFrame:
+    """One row per configuration (the ``others`` params): its runs' seeds, each metric's mean and sample std over them, best mean first."""
+    rows = []
+    keys = [runs[c].astype(str) for c in others] or [pd.Series(0, index=runs.index)]
+    for _, group in runs.groupby(keys, sort=False):
+        statuses = group["status"].value_counts()
+        row = {"runs": len(group), "seeds": ",".join(sorted(group[SEED].astype(str), key=lambda s: (len(s), s))),
+               "status": " ".join(f"{n} {s}" for s, n in statuses.items()) if len(statuses) > 1 else statuses.index[0],
+               **{c: group[c].iloc[0] for c in others}}
+        for column in metric_cols:
+            values = pd.to_numeric(group[column], errors="coerce")
+            row[column], row[f"{column}{STD}"] = values.mean(), values.std(ddof=1)  # NaN for a single seed
+        rows.append(row)
+    out = pd.DataFrame(rows).rename(columns=lambda c: c.split(".", 1)[1] if c.startswith(("params.", "metrics.")) else c)
+    out = out.sort_values(metric, ascending=metric in MINIMISED, na_position="last").reset_index(drop=True)
+    grouped = runs.groupby(keys, sort=False)
+    out.attrs["implied"] = [c[len("params.") :] for c in implied if (grouped[c].nunique(dropna=False) <= 1).all()]  # not the seeds' own
+    return out
 
 
 def ranked(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -195,7 +226,8 @@ def report_sweep(uri: str, experiment: str, sweep: str, parent: str, objective: 
     runs, _ = load_runs(uri, experiment, sweep, latest_sweep=False)
     frame = table(runs, objective)
     command = f"python -m runner.compare --tracking-uri '{uri}' --experiment '{experiment}' --sweep '{sweep}' --metric {objective}"
-    header = f"sweep {sweep}: {len(frame)} job(s), best {objective} first (MLflow parent run {parent})"
+    grouped = f" in {len(frame)} configurations, each the mean ± std over its seeds," if len(frame) < len(runs) else ","
+    header = f"sweep {sweep}: {len(runs)} job(s){grouped} best {objective} first (MLflow parent run {parent})"
     client = mlflow.MlflowClient(uri)
     with tempfile.TemporaryDirectory() as folder:
         written = Path(folder, SUMMARY)

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from runner.config.schema import RunConfig
 from runner.track.files import absolute_path, check_writable
-from runner.track.sweep import SWEEP_ID_KEY, SWEEP_PARENT_KEY, SWEPT_KEY
+from runner.track.sweep import STORAGE_KEY, STUDY_KEY, SWEEP_ID_KEY, SWEEP_PARENT_KEY, SWEPT_KEY, TRIAL_KEY
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,9 @@ class JobContext:
     threads: int | None = None  # None: all cores (one job at a time)
     ray_node: str | None = None  # the Ray node running this job (Ray launcher), so a run shows where it ran
     swept: tuple[str, ...] = ()  # the keys its sweep varies
+    trial: int | None = None  # the Optuna trial this job is, in a sweep whose study lives in a database (runner.sweep)
+    study: str | None = None
+    study_storage: str | None = None
 
     def run_name(self, model: str) -> str:
         """The MLflow run's name: the swept values first (a name cut short in the UI still shows them), the model, the other overrides."""
@@ -56,6 +59,9 @@ def job_context() -> JobContext:
         threads=_threads_per_job(hc.launcher),
         ray_node=_ray_node(),
         swept=tuple(key for key in str(hc.job.env_set.get(SWEPT_KEY, "")).split(",") if key),
+        trial=int(hc.job.env_set[TRIAL_KEY]) if TRIAL_KEY in hc.job.env_set else None,
+        study=hc.job.env_set.get(STUDY_KEY),
+        study_storage=hc.job.env_set.get(STORAGE_KEY),
     )
 
 

@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 SWEEP_ID_KEY, SWEEP_PARENT_KEY = "RUNNER_SWEEP_ID", "RUNNER_SWEEP_PARENT"  # in hydra.job.env_set
 SWEPT_KEY = "RUNNER_SWEPT"  # in hydra.job.env_set: the keys the sweep varies, comma-separated (jobs name their runs by them first)
+# In hydra.job.env_set of an Optuna sweep with a database (runner.sweep): the study, where it lives, and each job's trial number.
+STUDY_KEY, STORAGE_KEY, TRIAL_KEY = "RUNNER_STUDY", "RUNNER_STUDY_STORAGE", "RUNNER_TRIAL"
 
 
 def swept_keys(config: DictConfig) -> list[str]:
@@ -89,6 +91,9 @@ class MlflowSweepCallback(Callback):
             sys.exit(2)
 
     def _start(self, config: DictConfig) -> None:
+        from runner.sweep.study import check_sweep  # (runner.sweep's loop imports this module)
+
+        check_sweep(config)
         uri = absolute_tracking_uri(config.tracking.uri)
         exp = open_store(uri, config.tracking.experiment, config.tracking.artifact_root)
         folder = claim_folder(Path(str(config.hydra.sweep.dir)))  # a resumed sweep's jobs write to new folders too

@@ -133,7 +133,7 @@ class Epochs:
 
     def __init__(
         self, tracker: Tracker, checkpoint: Path, history: list[dict[str, Any]] | None = None, policy: EpochPolicy | None = None,
-        keep: bool = True,
+        keep: bool = True, pruning: Callable[[int, float], bool] | None = None,
     ) -> None:
         self.tracker = tracker
         self.checkpoint = checkpoint
@@ -144,6 +144,8 @@ class Epochs:
         self.rate: float | None = None  # the rate of the epoch under way, set by begin()
         self.diverged = False
         self.selected: int | None = None  # the epoch whose weights the model holds after finish()
+        self.pruning = pruning  # a sweep's pruner, asked after each epoch with policy.monitor (runner.sweep.trial)
+        self.pruned: int | None = None  # the epoch the pruner stopped the run at
         if not keep:
             tracker.when_finished.append(self.drop_checkpoints)
 
@@ -201,7 +203,7 @@ class Epochs:
         shown = [f"{k}={v:.4f}" for k, v in values.items()] + ([f"lr={self.rate:.4g}"] if self.rate is not None else [])
         log.info("epoch %d [%s] %s%s", step, phase, "  ".join(shown), f"  (best {self.policy.monitor})" if improved else "")
         self._check_divergence(step, values["val_loss"], lowest, lr_key)
-        return self._stop(step)
+        return self._prune(step, values[self.policy.monitor]) or self._stop(step)
 
     def _check_divergence(self, step: int, loss: float, lowest: float, lr_key: str) -> None:
         """Say once, in the log and the ``diverged`` tag, that the validation loss exploded (the best epoch is still kept)."""
@@ -216,6 +218,17 @@ class Epochs:
     def stopped(self) -> bool:
         """Whether early stopping ends the current phase after the epochs so far (trainer.early_stopping_patience of them without a gain)."""
         return self.policy.patience is not None and self.standing.since_best >= self.policy.patience
+
+    def _prune(self, step: int, value: float) -> bool:
+        """Whether the sweep's pruner ends the run at ``step`` (every phase): tagged ``pruned``, with ``pruned_epoch``; it ends FINISHED."""
+        if self.pruning is None or not self.pruning(step, value):
+            return False
+        self.pruned = step
+        self.tracker.set_tags({"pruned": "true"})
+        self.tracker.log_metrics({"pruned_epoch": step}, step=step)
+        log.info("pruned at epoch %d: its %s (%.4g) trails the sweep's other trials (sweep.pruner); the best epoch so far is kept and tested",
+                 step, self.policy.monitor, value)
+        return True
 
     def _stop(self, step: int) -> bool:
         if not self.stopped:
@@ -248,8 +261,11 @@ class Epochs:
         """Epochs of ``phase`` (``planned`` in all) still to train after the history so far.
 
         All of them when the phase has not begun; none when it has ended: a later phase began,
-        or early stopping ended it at its last epoch, as a run never interrupted would have.
+        or early stopping ended it at its last epoch, as a run never interrupted would have; none
+        in any phase once the sweep's pruner stopped the run.
         """
+        if self.pruned is not None:
+            return 0
         if all(h["phase"] != phase for h in self.history):
             return planned
         if self.standing.phase != phase or self.stopped:
