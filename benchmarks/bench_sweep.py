@@ -2,6 +2,7 @@
 
     python benchmarks/bench_sweep.py linear --trials 16 --workers 1 2
     python benchmarks/bench_sweep.py resnet50 --trials 16 --workers 1
+    python benchmarks/bench_sweep.py linear --pruners none median asha --set sweep.min_epochs=3   # more overrides, every search
 
 Each search is ``python -m runner -m`` in a fresh folder and store: ``hydra/sweeper=optuna``
 with a fixed sampler seed, ``sweep.pruner`` none, median and asha, with ``sweep.workers``
@@ -35,13 +36,14 @@ SEARCHES = {
 }
 
 
-def search(model: str, pruner: str, workers: int, trials: int, data: Path) -> dict[str, object]:
+def search(model: str, pruner: str, workers: int, trials: int, data: Path, extra: list[str]) -> dict[str, object]:
     """Run one search in a folder of its own; what it found, trained and took."""
     folder = Path(tempfile.mkdtemp(prefix=f"sweep-{model}-{pruner}-{workers}-"))
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     command = [sys.executable, "-m", "runner", "-m", "hydra/sweeper=optuna", "hydra.sweeper.direction=maximize",
                f"hydra.sweeper.n_trials={trials}", "hydra.sweeper.sampler.seed=0", "hydra.sweeper.study_name=bench",
-               *SEARCHES[model], f"sweep.pruner={pruner}", f"sweep.workers={workers}", "trainer.progress=false", "export.onnx=false",
+               *SEARCHES[model], *extra, f"sweep.pruner={pruner}", f"sweep.workers={workers}",
+               "trainer.progress=false", "export.onnx=false",
                *(["hydra/launcher=joblib", f"hydra.launcher.n_jobs={workers}"] if workers > 1 else [])]
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "CRACK_RUNNER_DATA": str(data)}
     started = time.perf_counter()
@@ -55,7 +57,8 @@ def search(model: str, pruner: str, workers: int, trials: int, data: Path) -> di
     complete = [r for r in jobs if r.data.tags.get("pruned") != "true" and r.info.status == "FINISHED"]
     best = max(complete, key=lambda r: r.data.metrics["val_accuracy"])
     epochs = sum(len(client.get_metric_history(r.info.run_id, "val_loss")) for r in jobs)
-    return {"model": model, "pruner": pruner, "workers": workers, "trials": len(jobs), "pruned": len(jobs) - len(complete),
+    return {"model": model, "pruner": pruner, "settings": " ".join(extra), "workers": workers, "trials": len(jobs),
+            "pruned": len(jobs) - len(complete),
             "best val_accuracy": best.data.metrics["val_accuracy"], "its test_accuracy": best.data.metrics["test_accuracy"],
             "epochs": epochs, "wall s": round(seconds, 1)}
 
@@ -66,9 +69,10 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--workers", type=int, nargs="+", default=[1])
     parser.add_argument("--pruners", nargs="+", default=["none", "median", "asha"])
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more overrides for every search")
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "bench-sweep-data", help="the data cache, shared")
     args = parser.parse_args()
-    rows = [search(args.model, pruner, workers, args.trials, args.data) for workers in args.workers for pruner in args.pruners]
+    rows = [search(args.model, pruner, workers, args.trials, args.data, args.set) for workers in args.workers for pruner in args.pruners]
     for row in rows:
         base = next(r for r in rows if r["workers"] == row["workers"] and r["pruner"] == "none")
         row["epochs vs none"] = f"{row['epochs'] / base['epochs']:.0%}"

@@ -122,7 +122,7 @@ def postgres_bindir() -> Path:
 
 @dataclass
 class Postgres:
-    """A throwaway PostgreSQL cluster on 127.0.0.1 with a role ``mlflow`` owning databases ``mlflow`` and ``mlflow_auth``.
+    """A throwaway PostgreSQL cluster on 127.0.0.1 with a role ``mlflow`` owning databases ``mlflow``, ``mlflow_auth`` and ``optuna``.
 
     The role's password is in ``pgpass`` (mode 600) only; clients set ``PGPASSFILE`` to it.
     """
@@ -171,7 +171,7 @@ def start_postgres(pgpass_dir: Path) -> Postgres:
     run(str(bindir / "pg_ctl"), "-D", str(folder / "data"), "-l", str(folder / "server.log"), "-o", options, "-w", "start")
     # The role's password goes in through stdin, never argv.
     sql = (f"CREATE ROLE mlflow LOGIN PASSWORD '{password}';\n"
-           "CREATE DATABASE mlflow OWNER mlflow;\nCREATE DATABASE mlflow_auth OWNER mlflow;\n")
+           "CREATE DATABASE mlflow OWNER mlflow;\nCREATE DATABASE mlflow_auth OWNER mlflow;\nCREATE DATABASE optuna OWNER mlflow;\n")
     run(str(bindir / "psql"), "-h", str(folder), "-p", str(port), "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-q", "-f", "-", stdin=sql)
     pgpass = write_secret(pgpass_dir / "pgpass", f"127.0.0.1:{port}:*:mlflow:{password}\n")
     return Postgres(folder, port, pgpass, as_owner)

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
+import optuna
 import pytest
 from test_sweep import assert_grouped
 
@@ -77,23 +78,30 @@ def test_server_refuses_clients_without_valid_credentials(cli, server, tmp_path)
     assert not [line for line in command_lines() if any(secret in line for secret in secrets)]
 
 
-def test_sweep_on_a_two_node_ray_cluster(cli, server, as_runner, tmp_path, caplog):
-    """Each job on a node of its own (one CPU each), its data cached on that node, its run and model on the server;
-    compared and used for predictions by run id through the server."""
+def test_pruned_search_with_free_running_workers_on_a_two_node_ray_cluster(cli, server, as_runner, tmp_path, caplog, monkeypatch):
+    """An Optuna search whose study is on the PostgreSQL server, two workers: each trial on a node of its own (one CPU each),
+    its data cached on that node, its run and model on the server; compared and used for predictions by run id through the server."""
     node_data = [tmp_path / "head-data", tmp_path / "worker-data"]
+    database = {"PGPASSFILE": str(server.db.pgpass)}  # the study's database: the password never on a command line
     try:
-        cluster = services.start_ray_cluster([{"CRACK_RUNNER_DATA": str(d), **server.credentials()} for d in node_data])
+        cluster = services.start_ray_cluster([{"CRACK_RUNNER_DATA": str(d), **server.credentials(), **database} for d in node_data])
     except services.Unavailable as why:
         pytest.skip(str(why))
     try:
         result = cli("-m", "hydra/launcher=ray_cluster", f"hydra.launcher.ray.init.address={cluster.address}",
-                     f"tracking.uri={server.url}", "tracking.experiment=cluster", "optimizer.lr=0.1,0.01",
-                     env={**cluster.env, **server.credentials(), "CRACK_RUNNER_DATA": str(tmp_path / "driver-data")},
+                     f"tracking.uri={server.url}", "tracking.experiment=cluster", "+experiment=optuna_linear", "hydra.sweeper.n_trials=2",
+                     "sweep.workers=2", "sweep.pruner=median", f"sweep.storage={server.db.uri('optuna')}",
+                     env={**cluster.env, **server.credentials(), **database, "CRACK_RUNNER_DATA": str(tmp_path / "driver-data")},
                      process=True)  # Ray's driver state outlives the command: not in the test's process
     finally:
         cluster.stop()
     assert result.returncode == 0, result.stderr[-5000:]
     jobs = assert_grouped(server.url, 2, experiment="cluster")  # parent and jobs FINISHED, params and metrics
+    parent = as_runner.get_run(jobs[0].data.tags["mlflow.parentRunId"])
+    monkeypatch.setenv("PGPASSFILE", str(server.db.pgpass))
+    trials = optuna.load_study(study_name=f"linear-search-{parent.info.run_id}", storage=server.db.uri("optuna")).trials
+    assert sorted(t.state.name for t in trials) == ["COMPLETE", "COMPLETE"]  # too few to prune, each reported to the server
+    assert all(len(t.intermediate_values) == 2 for t in trials)
     assert len({job.data.tags[RAY_NODE_TAG] for job in jobs}) == 2
     assert {job.data.params["dataset.cache_dir"] for job in jobs} == {str(d) for d in node_data}
     assert all(any(d.rglob("*.jpg")) for d in node_data) and not (tmp_path / "driver-data").exists()

@@ -33,9 +33,6 @@ from runner.track.sweep import STORAGE_KEY, STUDY_KEY, SWEEP_PARENT_KEY, TRIAL_K
 
 log = logging.getLogger(__name__)
 
-IN_PROCESS_LAUNCHERS = ("BasicLauncher",)  # run jobs in the sweeper's own process: one at a time
-
-
 class OptunaSearch:
     """Hydra's Sweeper interface (setup, sweep) over an Optuna study; the keys are the Hydra Optuna sweeper's."""
 
@@ -148,6 +145,7 @@ class OptunaSearch:
                 with self.lock:
                     self._tell(trial, ret)
 
+        _start_ray_once(self.launcher)
         with ThreadPoolExecutor(workers, thread_name_prefix="sweep-worker") as pool:
             for done in [pool.submit(worker) for _ in range(workers)]:
                 done.result()
@@ -215,6 +213,20 @@ class OptunaSearch:
 def _typed(value: Any) -> str:
     """A sampled value as an override Hydra reads back as the same value (strings quoted)."""
     return f"'{value}'" if isinstance(value, str) else str(value)
+
+
+def _start_ray_once(launcher: Launcher) -> None:
+    """Hydra's Ray launchers start Ray in each launch unless it runs, a check two workers launching at once both pass: start it
+    here first, with the launcher's own settings (and its default object store size), so their launches find it running."""
+    ray_cfg = getattr(launcher, "ray_cfg", None)
+    if ray_cfg is None:
+        return
+    import ray
+
+    if not ray.is_initialized():
+        with read_write(ray_cfg), open_dict(ray_cfg):
+            ray_cfg.init.setdefault("object_store_memory", 78643200)  # as the launcher sets it (ray-project/ray#11966)
+        ray.init(**OmegaConf.to_container(ray_cfg.init, resolve=True))
 
 
 def _close_interrupted(study: Any) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from runner.config.redact import redact
 from runner.config.schema import RunConfig
 from runner.errors import ConfigError
 from runner.sweep.study import PRUNED_ATTR, make_pruner, open_storage, oriented
@@ -31,7 +32,11 @@ def trial_pruning(run: RunConfig, job: JobContext) -> Pruning | None:
 
     storage = open_storage(job.study_storage)
     epochs = run.trainer.epochs + (run.trainer.fine_tune_epochs if run.fine_tune_lr is not None else 0)
-    study = optuna.load_study(study_name=job.study, storage=storage, pruner=make_pruner(run.sweep, epochs))
+    try:
+        study = optuna.load_study(study_name=job.study, storage=storage, pruner=make_pruner(run.sweep, epochs))
+    except KeyError:  # Optuna's "record does not exist": another machine's sqlite file, or another database
+        raise ConfigError(f"the sweep's Optuna study {job.study} is not in {redact(job.study_storage)} as this machine sees it: "
+                          "on several machines set sweep.storage to a database they all reach (e.g. the PostgreSQL server's).") from None
     trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(job.study), job.trial)
     trial = optuna.trial.Trial(study, trial_id)
     sign = oriented(run.trainer.monitor, study.direction)
