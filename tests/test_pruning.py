@@ -200,3 +200,14 @@ def test_hydras_sweep_grammar_becomes_optunas_distributions():
     assert fixed == ["model=linear", "+x=2"]
     with pytest.raises(ConfigError, match="empty range"):
         search_space(["n=range(5, 1)"])
+
+
+def test_hydras_own_optuna_sweeper_installed_beside_ours_is_named_with_the_fix(tmp_path, monkeypatch):
+    from runner.report.console import missing_plugin
+
+    assert missing_plugin(["-m", "+experiment=optuna_linear"]) is None
+    (tmp_path / "hydra_plugins" / "hydra_optuna_sweeper").mkdir(parents=True)
+    (tmp_path / "hydra_plugins" / "hydra_optuna_sweeper" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "pip uninstall hydra-optuna-sweeper" in missing_plugin(["-m", "+experiment=optuna_linear"])
+    assert missing_plugin(["-m", "optimizer.lr=0.1,0.01"]) is None  # a sweep without Optuna does not care

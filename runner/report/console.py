@@ -73,8 +73,14 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("runner_groups", config_groups)
 
 
+RIVAL_SWEEPER = "hydra_plugins.hydra_optuna_sweeper"  # Hydra's Optuna sweeper: it claims hydra/sweeper=optuna too
+
+
 def missing_plugin(arguments: list[str]) -> str | None:
-    """The message for a launcher or sweeper chosen on the command line but not installed, or None."""
+    """The message for a launcher or sweeper chosen on the command line but not installed (or claimed twice), or None."""
+    if any("optuna" in argument for argument in arguments) and _installed(RIVAL_SWEEPER):
+        return ("Hydra's own Optuna sweeper (hydra-optuna-sweeper) is installed beside the runner's, and both claim "
+                "hydra/sweeper=optuna: remove it with pip uninstall hydra-optuna-sweeper (docs/sweeps.md).")
     for argument in arguments:
         module = PLUGINS.get(argument.split("@")[0])
         if module is not None and not _installed(module):

@@ -71,11 +71,11 @@ def study_name(base: str | None, parent_run_id: str) -> str:
 
 
 def make_pruner(sweep: SweepConfig, max_epochs: int) -> optuna.pruners.BasePruner:
-    """Optuna's pruner for ``sweep.pruner``; the runner itself keeps every trial until ``sweep.min_epochs``."""
+    """Optuna's pruner for ``sweep.pruner``; no trial is asked before ``sweep.min_epochs`` (runner.sweep.trial), whichever it is."""
     import optuna
 
     if sweep.pruner == "median":  # below the median of earlier trials at the same epoch
-        return optuna.pruners.MedianPruner(n_startup_trials=sweep.startup_trials, n_warmup_steps=sweep.min_epochs - 1)
+        return optuna.pruners.MedianPruner(n_startup_trials=sweep.startup_trials)
     if sweep.pruner == "asha":  # successive halving: a third of the trials go on at each rung (min_epochs, 3x, 9x...)
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=sweep.min_epochs, reduction_factor=3)
     if sweep.pruner == "hyperband":  # several successive-halving brackets, from eager to patient
