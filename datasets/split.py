@@ -7,7 +7,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from crack_runner.datasets.errors import DataError
 
@@ -54,6 +53,8 @@ def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> list[tuple[np
             f"dataset.folds={folds}: the smallest class of train+val has {smallest} images, fewer than the folds; "
             f"set dataset.folds to at most {smallest} (and at least 2), or add images."
         )
+    from sklearn.model_selection import StratifiedKFold  # here: predict, inspect and export import the package, never split
+
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     return [(np.sort(train), np.sort(val)) for train, val in splitter.split(np.zeros(len(labels)), labels)]
 
@@ -61,6 +62,8 @@ def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> list[tuple[np
 def _split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> SplitIndices:
     """Test first, then val from the rest (scikit-learn's stratified draw); a ValueError when a split cannot hold every class."""
     index = np.arange(len(labels))
+    from sklearn.model_selection import train_test_split  # here: a second's import that predict, inspect and export skip
+
     rest, test = train_test_split(index, test_size=test_fraction, stratify=labels, random_state=seed)
     train, val = train_test_split(rest, test_size=val_fraction / (1.0 - test_fraction), stratify=labels[rest], random_state=seed)
     return SplitIndices(np.sort(train), np.sort(val), np.sort(test))

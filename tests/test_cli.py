@@ -78,3 +78,7 @@ def test_a_linear_run_never_imports_tensorflow(store, data_cache, tmp_path):
         capture_output=True, text=True, cwd=tmp_path,
     )
     assert help_modules.stderr.strip().splitlines()[-1] == "[]"
+    # The commands that load a logged model split no data: scikit-learn's second of imports is not theirs to pay.
+    commands = subprocess.run([sys.executable, "-c", "import sys, runner.predict, runner.inspect, runner.export; print('sklearn' in sys.modules)"],
+                              capture_output=True, text=True, cwd=tmp_path)
+    assert commands.stdout.strip() == "False", commands.stderr[-2000:]

@@ -118,7 +118,7 @@ class CrackMap:
         folder.mkdir(parents=True, exist_ok=True)
         paths = {"overlay": folder / "overlay.png", "patches": folder / "patches.csv", "summary": folder / "summary.json"}
         scores = self.score(truth) if truth is not None else None
-        self.overlay(image, truth).save(paths["overlay"])
+        self.overlay(image, truth).save(paths["overlay"], compress_level=3)  # a third of the default's time for a tenth more bytes
         with paths["patches"].open("w", newline="") as out:
             rows = csv.writer(out)
             rows.writerow(["x", "y", "width", "height", "p_crack"])
