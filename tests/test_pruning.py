@@ -92,6 +92,18 @@ def test_a_pruner_outside_an_optuna_sweep_is_a_clear_error(cli):
     assert "Traceback" not in workers.stderr
 
 
+@pytest.mark.parametrize("override, said", [
+    ("hydra.sweeper.n_trials=0", "hydra.sweeper.n_trials: must be a whole number of at least 1"),
+    ("hydra.sweeper.direction=up", "hydra.sweeper.direction: must be minimize or maximize"),
+    ("sweep.storage=nosuchdb://x", "sweep.storage: the Optuna study's database nosuchdb://x cannot be opened"),
+    ("sweep.pruner=median sweep.min_epochs=3", "sweep.min_epochs=3 is past the trials' last epoch (2)"),  # TINY: 2 epochs
+])
+def test_a_search_that_cannot_run_is_refused_before_its_parent_run_opens(cli, client, override, said):
+    result = cli("-m", "+experiment=optuna_linear", *override.split())
+    assert result.returncode == 2 and said in result.stderr and "Traceback" not in result.stderr
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])  # no parent left FAILED or empty
+
+
 class StandIn:
     """A launcher whose jobs sleep (those numbered in ``slow``: long) and return 0.5; those in ``lost`` die with their worker."""
 
@@ -122,9 +134,9 @@ def stand_in_sweep(tmp_path: Path, n_trials: int, workers: int, slow: set[int] =
     search.config = OmegaConf.create({
         "sweep": {"pruner": "none", "min_epochs": 1, "startup_trials": 1, "workers": workers,
                   "storage": f"sqlite:///{tmp_path / 'optuna.db'}"},
-        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}, "trainer": {"monitor": "val_loss"},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}, "trainer": {"monitor": "val_loss", "epochs": 2},
         "hydra": {"sweep": {"dir": str(tmp_path)}, "job": {"env_set": {"RUNNER_SWEEP_PARENT": "parent0"}}, "overrides": {"hydra": []},
-                  "sweeper": {"_target_": SWEEPER}, "launcher": {"_target_": "test_pruning.StandIn"}},
+                  "sweeper": {"_target_": SWEEPER, "n_trials": n_trials, "direction": "maximize"}, "launcher": {"_target_": "test_pruning.StandIn"}},
     })
     search.launcher = launcher = StandIn(set(slow), set(lost))
     search.sweep(["lr=interval(0.1, 1.0)"])

@@ -34,10 +34,34 @@ def check_sweep(config: DictConfig) -> SweepConfig:
         key = f"sweep.pruner={settings.pruner}" if settings.pruner != "none" else f"sweep.workers={settings.workers}"
         raise ConfigError(f"{key} applies to Optuna searches: add hydra/sweeper=optuna and its search space "
                           "(e.g. +experiment=optuna_linear), or leave the key out.")
+    if optuna_sweep:
+        _check_search(config.hydra.sweeper, settings)
+        _check_min_epochs(config, settings)
     if settings.workers > 1 and str(config.hydra.launcher.get("_target_")) == IN_PROCESS_LAUNCHER:
         raise ConfigError(f"sweep.workers={settings.workers} runs trials side by side, in processes: add hydra/launcher=joblib "
                           "(this machine) or hydra/launcher=ray_cluster (several), or set sweep.workers=1.")
     return settings
+
+
+def _check_search(sweeper: DictConfig, settings: SweepConfig) -> None:
+    """The Optuna sweeper's own keys, and a sweep.storage that must open, before the sweep's parent run is made."""
+    trials = sweeper.get("n_trials")
+    if not isinstance(trials, int) or trials < 1:
+        raise ConfigError(f"hydra.sweeper.n_trials: must be a whole number of at least 1 (the trials of the whole search), "
+                          f"got {trials!r}. Set e.g. hydra.sweeper.n_trials=16")
+    if sweeper.get("direction") not in ("minimize", "maximize"):
+        raise ConfigError(f"hydra.sweeper.direction: must be minimize or maximize (what the jobs' objective should do), "
+                          f"got {sweeper.get('direction')!r}. Set e.g. hydra.sweeper.direction=maximize")
+    if settings.storage:
+        open_storage(settings.storage)
+
+
+def _check_min_epochs(config: DictConfig, settings: SweepConfig) -> None:
+    """A sweep.min_epochs past every trial's last epoch would prune nothing, silently: refused."""
+    epochs = int(config.trainer.epochs) + (int(config.trainer.fine_tune_epochs) if config.get("fine_tune_lr") is not None else 0)
+    if settings.pruner != "none" and settings.min_epochs > epochs:
+        raise ConfigError(f"sweep.min_epochs={settings.min_epochs} is past the trials' last epoch ({epochs}), so sweep.pruner="
+                          f"{settings.pruner} could stop none: set sweep.min_epochs to at most {epochs}, or sweep.pruner=none.")
 
 
 def storage_url(sweep: SweepConfig, tracking_uri: str, sweep_dir: Path) -> str:
