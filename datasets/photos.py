@@ -3,15 +3,19 @@
 Why apart from :mod:`folder`: a training image is shrunk to the model's size as it is decoded;
 a photo is read at its own size, many patches wide, so its limit is the inspection's
 (:data:`MAX_PHOTO_PIXELS`), not PIL's guard for small images. Its pixels are handed out a strip
-of rows at a time (:meth:`Photo.rows`), so only the decoded photo itself grows with its size.
+of rows at a time, top to bottom (:meth:`StreamedPhoto.rows`). With libvips (pyvips, the
+``inspect`` extra) an 8-bit RGB or gray photo, a camera's JPEG, is decoded as the strips are
+asked for, so memory stays a few strips whatever the photo's size; the pixels are the ones PIL
+decodes. Other photos (alpha, 16-bit, CMYK), or any without pyvips, are decoded whole by PIL as
+:func:`folder.viewer_rgb` reads a training image.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -22,28 +26,78 @@ from crack_runner.datasets.folder import viewer_rgb
 MAX_SIDE = 20_000
 MAX_PHOTO_PIXELS = MAX_SIDE * MAX_SIDE  # 1.6 GB as PIL holds RGB (4 bytes a pixel): the largest photo inspected
 TRUTH_SUFFIX = ".truth.png"  # the truth mask beside a photo: white where it is cracked (the generator writes it)
+STRIP_ROWS = 256  # rows libvips decodes at a time
 
 
-@dataclass
-class Photo:
-    """A decoded photo: upright, 8-bit RGB."""
+class Photo(Protocol):
+    """A photo being inspected: upright, 8-bit RGB, read a strip of rows at a time."""
 
-    image: Image.Image
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return self.image.size
+    size: tuple[int, int]
 
     def rows(self, top: int, bottom: int) -> np.ndarray:
-        """Rows ``top`` to ``bottom`` as a (rows, width, 3) uint8 array: a strip, not a copy of the whole photo."""
+        """Rows ``top`` to ``bottom`` as a (rows, width, 3) uint8 array; ``top`` never goes back up between calls."""
+
+    def preview(self, size: tuple[int, int]) -> Image.Image:
+        """The whole photo as an RGB image of ``size`` (the overlay's): shrunk, not cropped."""
+
+    def close(self) -> None: ...
+
+
+class DecodedPhoto:
+    """A photo PIL has decoded whole."""
+
+    def __init__(self, image: Image.Image) -> None:
+        self.image, self.size = image, image.size
+
+    def rows(self, top: int, bottom: int) -> np.ndarray:
         return np.asarray(self.image.crop((0, top, self.image.width, bottom)), dtype=np.uint8)
+
+    def preview(self, size: tuple[int, int]) -> Image.Image:
+        return self.image if size == self.size else self.image.resize(size, Image.Resampling.BOX)
 
     def close(self) -> None:
         self.image.close()
 
 
+class StreamedPhoto:
+    """A photo libvips decodes as its strips are asked for: the rows of the strips asked for since the last ``top`` are held."""
+
+    def __init__(self, path: Path, image: Any) -> None:  # image: a pyvips.Image, upright, 8-bit sRGB
+        self.path, self._image, self.size = path, image, (image.width, image.height)
+        self._held = np.empty((0, image.width, 3), np.uint8)
+        self._top = 0  # the photo's row at self._held[0]
+
+    def rows(self, top: int, bottom: int) -> np.ndarray:
+        import pyvips
+
+        if top < self._top:
+            raise ValueError(f"rows are read top to bottom: {top} is above row {self._top}, already let go")
+        self._held, self._top = self._held[top - self._top :], top
+        while self._top + len(self._held) < bottom:
+            start = self._top + len(self._held)
+            try:
+                strip = self._image.crop(0, start, self.size[0], min(STRIP_ROWS, self.size[1] - start)).numpy()
+            except pyvips.Error as err:
+                raise DataError(f"{self.path}: cannot be read as an image ({_said(err)}).") from None
+            self._held = np.concatenate([self._held, strip.reshape(len(strip), self.size[0], -1)[..., :3]])
+        return self._held[: bottom - top]
+
+    def preview(self, size: tuple[int, int]) -> Image.Image:
+        import pyvips
+
+        try:  # a second, shrink-on-load decode of the file, as upright as the strips
+            small = pyvips.Image.thumbnail(str(self.path), size[0], height=size[1], size="force")
+        except pyvips.Error as err:
+            raise DataError(f"{self.path}: cannot be read as an image ({_said(err)}).") from None
+        pixels = small.numpy().reshape(small.height, small.width, -1)
+        return Image.fromarray(np.repeat(pixels, 3, axis=2) if pixels.shape[2] == 1 else pixels[..., :3], "RGB")
+
+    def close(self) -> None:
+        self._held = np.empty((0, self.size[0], 3), np.uint8)
+
+
 def open_photo(path: Path, max_pixels: int = MAX_PHOTO_PIXELS) -> Photo:
-    """Decode ``path`` as a viewer shows it (EXIF orientation, alpha over white, 16-bit scaled); a DataError names why not.
+    """Open ``path`` as a viewer shows it (EXIF orientation, alpha over white, 16-bit scaled); a DataError names why not.
 
     The size is read from the header first: a photo over ``max_pixels`` (or a decompression
     bomb claiming to be one) is refused before any pixel is decoded.
@@ -60,18 +114,47 @@ def open_photo(path: Path, max_pixels: int = MAX_PHOTO_PIXELS) -> Photo:
                 f"{path}: {img.width} x {img.height} = {pixels:,} pixels, over the limit of {max_pixels:,} "
                 f"(at most {MAX_SIDE:,} x {MAX_SIDE:,}): downscale or split the photo."
             )
+        streamed = _streamed(path) if img.mode in ("RGB", "L") and "transparency" not in img.info else None
+        if streamed is not None:
+            img.close()
+            return streamed
         with _pil_limit(max_pixels):
             ImageOps.exif_transpose(img, in_place=True)  # decodes, then turns upright in place: no second copy
             rgb = viewer_rgb(img)
         if rgb is not img:
             img.close()
-        return Photo(rgb)
+        return DecodedPhoto(rgb)
     except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as err:
         img.close()
         raise DataError(f"{path}: cannot be read as an image ({type(err).__name__}: {err}).") from None
     except BaseException:
         img.close()
         raise
+
+
+def _said(err: Exception) -> str:
+    """libvips' last line of an error: what went wrong with the file."""
+    return str(err).strip().splitlines()[-1].strip()
+
+
+def _streamed(path: Path) -> StreamedPhoto | None:
+    """The photo as libvips streams it, when pyvips is installed and the photo is plain 8-bit RGB or gray; else None (PIL decodes it)."""
+    try:
+        import pyvips
+    except (ImportError, OSError):  # not installed, or its libvips missing: PIL decodes the photo whole
+        return None
+    try:
+        image = pyvips.Image.new_from_file(str(path), access="sequential", fail_on="truncated")
+        if image.format != "uchar" or image.hasalpha() or image.bands not in (1, 3):
+            return None
+        if image.get_typeof("orientation") and image.get("orientation") not in (0, 1):
+            # turning needs the whole photo: libvips holds it (on disk past its threshold), not this process's memory
+            image = pyvips.Image.new_from_file(str(path), fail_on="truncated").autorot()
+        if image.bands == 1:
+            image = image.bandjoin([image, image])  # gray as PIL makes it RGB: the same value in each band
+        return StreamedPhoto(path, image)
+    except pyvips.Error:  # a format or a file libvips reads otherwise than PIL: PIL's reading decides
+        return None
 
 
 @contextlib.contextmanager

@@ -179,7 +179,7 @@ def inspect_all(args: argparse.Namespace, files: list[Path], model: runtimes.Run
             truth_path = args.truth or photos.truth_beside(path)
             truth = photos.read_truth(truth_path, photo.size) if truth_path else None
             folder = out_folder(args.out, path, taken)
-            written, scores = crack_map.write(folder, photo.image, truth)
+            written, scores = crack_map.write(folder, photo, truth)
         except (DataError, ConfigError) as err:
             log.error("skipped: %s", err)
             continue

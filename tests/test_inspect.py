@@ -14,10 +14,11 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 import services
 from crack_runner.datasets import photos
+from crack_runner.datasets.folder import viewer_rgb
 from crack_runner.datasets.synthetic import render_photo
 from runner.inspection.crack_map import TRUTH_MIN_SHARE, CrackMap
 from runner.inspection.windows import Window, grid, starts
@@ -106,6 +107,43 @@ def test_exif_orientation_alpha_and_16_bit_photos_are_read_as_a_viewer_shows_the
     assert photos.open_photo(tmp_path / "clear.png").rows(0, 20).min() == 255  # transparent: white
     Image.fromarray(np.full((20, 30), 65535, np.uint16)).save(tmp_path / "wide.png")
     assert photos.open_photo(tmp_path / "wide.png").rows(0, 20).min() == 255
+
+
+def test_a_plain_photo_streams_in_strips_with_the_pixels_pil_decodes_and_others_are_decoded_whole(tmp_path, monkeypatch):
+    pytest.importorskip("pyvips")
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (700, 500, 3), np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "wall.jpg", quality=90)
+    exif = Image.new("RGB", (1, 1)).getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 CW to view
+    Image.fromarray(pixels).save(tmp_path / "turned.jpg", quality=90, exif=exif.tobytes())
+    Image.fromarray(pixels[..., 0]).save(tmp_path / "gray.png")
+    for name in ("wall.jpg", "turned.jpg", "gray.png"):
+        with Image.open(tmp_path / name) as img:
+            expected = np.asarray(viewer_rgb(ImageOps.exif_transpose(img)))
+        photo = photos.open_photo(tmp_path / name)
+        assert isinstance(photo, photos.StreamedPhoto) and photo.size == expected.shape[1::-1], name
+        height, patch = expected.shape[0], 227
+        for top in [*range(0, height - patch, 113), height - patch]:  # the windows' strips: overlapping, top to bottom
+            np.testing.assert_array_equal(photo.rows(top, top + patch), expected[top : top + patch], err_msg=name)
+            assert len(photo._held) <= patch + photos.STRIP_ROWS  # what it holds: the strip asked for and the rest of one decoded
+        with pytest.raises(ValueError, match="top to bottom"):
+            photo.rows(0, 10)
+        assert photo.preview((50, 70) if name != "turned.jpg" else (70, 50)).size == ((50, 70) if name != "turned.jpg" else (70, 50))
+    Image.new("RGBA", (30, 20), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    assert isinstance(photos.open_photo(tmp_path / "clear.png"), photos.DecodedPhoto)  # alpha: as predict reads it
+    monkeypatch.setitem(sys.modules, "pyvips", None)  # without the inspect extra: PIL decodes every photo whole
+    assert isinstance(photos.open_photo(tmp_path / "wall.jpg"), photos.DecodedPhoto)
+
+
+def test_a_photo_cut_short_fails_while_streaming_and_is_named(tmp_path):
+    pytest.importorskip("pyvips")
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (900, 600, 3), np.uint8)).save(tmp_path / "cut.jpg", quality=90)
+    data = (tmp_path / "cut.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(photos.DataError, match="cut.jpg: cannot be read as an image"):
+        photo = photos.open_photo(tmp_path / "cut.jpg")
+        photo.rows(0, photo.size[1])
 
 
 @pytest.fixture(scope="module")

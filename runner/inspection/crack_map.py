@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from crack_runner.datasets.photos import Photo
 from runner.inspection.windows import Window
 
 OVERLAY_SIDE = 2048  # the overlay's longer side at most: readable, and megabytes rather than a photo's hundreds
@@ -89,12 +90,12 @@ class CrackMap:
         iou = int((predicted & actual).sum()) / union if union else 1.0
         return {"precision": precision, "recall": recall, "f1": f1, "iou": iou, "true_cracked_patches": int(true.sum())}
 
-    def overlay(self, image: Image.Image, truth: np.ndarray | None = None) -> Image.Image:
+    def overlay(self, photo: Photo, truth: np.ndarray | None = None) -> Image.Image:
         """The photo (downscaled to OVERLAY_SIDE) with the crack probability as a red heat map, cracked windows outlined
         in yellow and, given a truth mask, its crack pixels in cyan."""
         scale = min(1.0, OVERLAY_SIDE / max(self.width, self.height))
         size = (max(1, round(self.width * scale)), max(1, round(self.height * scale)))
-        base = np.asarray(image.resize(size, Image.Resampling.BOX) if scale < 1 else image.convert("RGB"), np.float32)
+        base = np.asarray(photo.preview(size), np.float32)
         heat = np.zeros((size[1], size[0]), np.float32)  # per pixel, the highest probability of the windows over it
         for window, p in zip(self.windows, self.p_crack):
             rows = slice(int(window.y * scale), math.ceil((window.y + window.height) * scale))
@@ -113,12 +114,12 @@ class CrackMap:
             draw.rectangle(box, outline=(255, 220, 0), width=max(1, round(2 * max(scale, 0.5))))
         return out
 
-    def write(self, folder: Path, image: Image.Image, truth: np.ndarray | None = None) -> tuple[dict[str, Path], dict[str, float] | None]:
+    def write(self, folder: Path, photo: Photo, truth: np.ndarray | None = None) -> tuple[dict[str, Path], dict[str, float] | None]:
         """overlay.png, patches.csv and summary.json in ``folder``: their paths, and the scores against ``truth`` (None without)."""
         folder.mkdir(parents=True, exist_ok=True)
         paths = {"overlay": folder / "overlay.png", "patches": folder / "patches.csv", "summary": folder / "summary.json"}
         scores = self.score(truth) if truth is not None else None
-        self.overlay(image, truth).save(paths["overlay"], compress_level=3)  # a third of the default's time for a tenth more bytes
+        self.overlay(photo, truth).save(paths["overlay"], compress_level=3)  # a third of the default's time for a tenth more bytes
         with paths["patches"].open("w", newline="") as out:
             rows = csv.writer(out)
             rows.writerow(["x", "y", "width", "height", "p_crack"])
