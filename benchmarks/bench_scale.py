@@ -18,7 +18,6 @@ import argparse
 import json
 import logging
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stages import bookkeeping_stages, compose_cfg, timed_run  # noqa: E402
+from stages import bookkeeping_stages, compose_cfg, peak_rss_gb, timed_run  # noqa: E402
 
 from crack_runner.datasets import synthetic  # noqa: E402
 
@@ -74,7 +73,7 @@ def one_run(work: Path, overrides: list[str]) -> None:
     print(json.dumps({
         "times": times,
         "labels": [label for _, _, label in stages],
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+        "peak_rss_gb": peak_rss_gb(),
         "run_disk_gb": disk_bytes(Path(os.environ["TMPDIR"])) / 1e9,  # the run's own artifact root and folder (see measured)
         "store_gb": disk_bytes(work / "data" / "features") / 1e9,
     }))

@@ -25,6 +25,21 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 Stage = tuple[Any, str, str]  # (owner, attribute, label)
 
 
+def peak_rss_gb() -> float:
+    """This process's peak resident memory since it started its program (VmHWM).
+
+    Not ``getrusage``'s ru_maxrss: Linux carries into it the memory of the process that forked
+    this one, as it stood at the exec, so a small command started by a large benchmark reads large.
+    """
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
 def compose_cfg(overrides: list[str]) -> DictConfig:
     """The project's config with ``overrides``, as ``python -m runner`` composes it."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

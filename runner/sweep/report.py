@@ -43,8 +43,10 @@ def log_study(study: Any, parent: str, tracking_uri: str, monitor: str, sign: fl
                 importances = optuna.importance.get_param_importances(study)
             except (RuntimeError, ValueError) as err:  # e.g. every trial the same params: nothing to tell apart
                 log.info("no parameter importances: %s", err)
-            if importances:
-                figures[IMPORTANCES] = optuna_plots.plot_param_importances(study).figure
+            if importances:  # fANOVA fits the complete trials only: how many says how far to trust it
+                axes = optuna_plots.plot_param_importances(study)
+                axes.set_title(f"Hyperparameter importances ({len(complete)} complete trials)", loc="left")
+                figures[IMPORTANCES] = axes.figure
             figures[PARALLEL] = optuna_plots.plot_parallel_coordinate(study).figure
     client = mlflow.MlflowClient(tracking_uri)
     logged = []
@@ -61,7 +63,8 @@ def log_study(study: Any, parent: str, tracking_uri: str, monitor: str, sign: fl
             client.log_artifact(parent, str(path), str(Path(IMPORTANCES_TABLE).parent))
             logged.append(IMPORTANCES_TABLE)
             shown = ", ".join(f"{key} {value:.2f}" for key, value in importances.items())
-            logging.getLogger(RESULTS).info("parameter importances (Optuna's fANOVA, share of the objective's variance): %s", shown)
+            logging.getLogger(RESULTS).info("parameter importances (Optuna's fANOVA over the %d complete trials, share of the objective's "
+                                            "variance): %s", len(complete), shown)
     return logged
 
 
