@@ -4,9 +4,10 @@ Why apart from :mod:`folder`: a training image is shrunk to the model's size as 
 a photo is read at its own size, many patches wide, so its limit is the inspection's
 (:data:`MAX_PHOTO_PIXELS`), not PIL's guard for small images. Its pixels are handed out a strip
 of rows at a time, top to bottom (:meth:`StreamedPhoto.rows`). With libvips (pyvips, the
-``inspect`` extra) an 8-bit RGB or gray photo, a camera's JPEG, is decoded as the strips are
-asked for, so memory stays a few strips whatever the photo's size; the pixels are the ones PIL
-decodes. Other photos (alpha, 16-bit, CMYK), or any without pyvips, are decoded whole by PIL as
+``inspect`` extra) an 8-bit RGB or gray JPEG or TIFF is decoded as the strips are asked for,
+so memory stays a few strips whatever the photo's size (a baseline JPEG, what cameras write;
+libjpeg holds a progressive one whole); the pixels are the ones PIL decodes. Other photos
+(PNG, alpha, 16-bit, CMYK), or any without pyvips, are decoded whole by PIL as
 :func:`folder.viewer_rgb` reads a training image.
 """
 
@@ -27,6 +28,10 @@ MAX_SIDE = 20_000
 MAX_PHOTO_PIXELS = MAX_SIDE * MAX_SIDE  # 1.6 GB as PIL holds RGB (4 bytes a pixel): the largest photo inspected
 TRUTH_SUFFIX = ".truth.png"  # the truth mask beside a photo: white where it is cracked (the generator writes it)
 STRIP_ROWS = 256  # rows libvips decodes at a time
+# Formats whose EXIF orientation PIL and libvips both read from the header. A PNG's may follow its pixels (eXIf after
+# IDAT), where only PIL finds it, after decoding the whole photo: PIL reads PNGs.
+STREAMED_FORMATS = ("JPEG", "TIFF")
+ORIENTATION = 0x0112  # the EXIF tag
 
 
 class Photo(Protocol):
@@ -93,7 +98,7 @@ class StreamedPhoto:
         return Image.fromarray(np.repeat(pixels, 3, axis=2) if pixels.shape[2] == 1 else pixels[..., :3], "RGB")
 
     def close(self) -> None:
-        self._held = np.empty((0, self.size[0], 3), np.uint8)
+        self._held, self._image = np.empty((0, self.size[0], 3), np.uint8), None
 
 
 def open_photo(path: Path, max_pixels: int = MAX_PHOTO_PIXELS) -> Photo:
@@ -114,7 +119,8 @@ def open_photo(path: Path, max_pixels: int = MAX_PHOTO_PIXELS) -> Photo:
                 f"{path}: {img.width} x {img.height} = {pixels:,} pixels, over the limit of {max_pixels:,} "
                 f"(at most {MAX_SIDE:,} x {MAX_SIDE:,}): downscale or split the photo."
             )
-        streamed = _streamed(path) if img.mode in ("RGB", "L") and "transparency" not in img.info else None
+        plain = img.format in STREAMED_FORMATS and img.mode in ("RGB", "L") and "transparency" not in img.info
+        streamed = _streamed(path, img.getexif().get(ORIENTATION, 1)) if plain else None
         if streamed is not None:
             img.close()
             return streamed
@@ -132,23 +138,33 @@ def open_photo(path: Path, max_pixels: int = MAX_PHOTO_PIXELS) -> Photo:
         raise
 
 
+def _turn(orientation: int) -> int:
+    """An EXIF orientation as both libraries apply it: 2 to 8 turn or mirror, any other value leaves the photo as stored."""
+    return orientation if orientation in range(2, 9) else 1
+
+
 def _said(err: Exception) -> str:
     """libvips' last line of an error: what went wrong with the file."""
     return str(err).strip().splitlines()[-1].strip()
 
 
-def _streamed(path: Path) -> StreamedPhoto | None:
-    """The photo as libvips streams it, when pyvips is installed and the photo is plain 8-bit RGB or gray; else None (PIL decodes it)."""
+def _streamed(path: Path, orientation: int) -> StreamedPhoto | None:
+    """The photo as libvips streams it, when pyvips is installed and reads the photo as PIL does (8-bit RGB or gray, the
+    same EXIF ``orientation``); else None, and PIL decodes it."""
     try:
         import pyvips
     except (ImportError, OSError):  # not installed, or its libvips missing: PIL decodes the photo whole
         return None
+    pyvips.cache_set_max(0)  # no decoded photo kept after its inspection (nor read stale if the file is rewritten)
     try:
         image = pyvips.Image.new_from_file(str(path), access="sequential", fail_on="truncated")
         if image.format != "uchar" or image.hasalpha() or image.bands not in (1, 3):
             return None
-        if image.get_typeof("orientation") and image.get("orientation") not in (0, 1):
-            # turning needs the whole photo: libvips holds it (on disk past its threshold), not this process's memory
+        theirs = image.get("orientation") if image.get_typeof("orientation") else 1
+        if _turn(theirs) != _turn(orientation):
+            return None  # an orientation PIL finds elsewhere (XMP): PIL turns it
+        if _turn(orientation) != 1:
+            # turning needs the whole photo: libvips holds it (in a temporary file past its 100 MB threshold)
             image = pyvips.Image.new_from_file(str(path), fail_on="truncated").autorot()
         if image.bands == 1:
             image = image.bandjoin([image, image])  # gray as PIL makes it RGB: the same value in each band

@@ -80,11 +80,15 @@ def inspect_photo(
     crack = crack_index(logged.classes)
     started = time.perf_counter()
     found: list[np.ndarray] = []
-    with tqdm(total=len(windows), desc=path.name, unit="patch", disable=not progress, leave=False) as bar:
-        for pixels in batches(photo, windows, logged.image_size, batch_size):
-            with contextlib.redirect_stdout(sys.stderr):  # stdout is the result: frameworks' progress bars go to stderr
-                found.append(np.asarray(model.predict(pixels))[:, crack])
-            bar.update(len(pixels))
+    try:
+        with tqdm(total=len(windows), desc=path.name, unit="patch", disable=not progress, leave=False) as bar:
+            for pixels in batches(photo, windows, logged.image_size, batch_size):
+                with contextlib.redirect_stdout(sys.stderr):  # stdout is the result: frameworks' progress bars go to stderr
+                    found.append(np.asarray(model.predict(pixels))[:, crack])
+                bar.update(len(pixels))
+    except BaseException:  # a photo cut short mid-stream, an interrupt: let its pixels go before the next photo
+        photo.close()
+        raise
     extra = {"patch": patch, "stride": stride, "model_input": logged.image_size, "model_uri": logged.uri, "runtime": model.name,
              "seconds": round(time.perf_counter() - started, 3)}
     return CrackMap(path, width, height, windows, np.concatenate(found).astype(np.float64), threshold, extra), photo

@@ -117,8 +117,8 @@ def test_a_plain_photo_streams_in_strips_with_the_pixels_pil_decodes_and_others_
     exif = Image.new("RGB", (1, 1)).getexif()
     exif[0x0112] = 6  # orientation: rotate 90 CW to view
     Image.fromarray(pixels).save(tmp_path / "turned.jpg", quality=90, exif=exif.tobytes())
-    Image.fromarray(pixels[..., 0]).save(tmp_path / "gray.png")
-    for name in ("wall.jpg", "turned.jpg", "gray.png"):
+    Image.fromarray(pixels[..., 0]).save(tmp_path / "gray.jpg", quality=90)
+    for name in ("wall.jpg", "turned.jpg", "gray.jpg"):
         with Image.open(tmp_path / name) as img:
             expected = np.asarray(viewer_rgb(ImageOps.exif_transpose(img)))
         photo = photos.open_photo(tmp_path / name)
@@ -132,6 +132,15 @@ def test_a_plain_photo_streams_in_strips_with_the_pixels_pil_decodes_and_others_
         assert photo.preview((50, 70) if name != "turned.jpg" else (70, 50)).size == ((50, 70) if name != "turned.jpg" else (70, 50))
     Image.new("RGBA", (30, 20), (0, 0, 0, 0)).save(tmp_path / "clear.png")
     assert isinstance(photos.open_photo(tmp_path / "clear.png"), photos.DecodedPhoto)  # alpha: as predict reads it
+    # An orientation only in XMP: PIL turns the photo, libvips would not, so PIL decodes it.
+    xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">' \
+          b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
+    Image.fromarray(pixels).save(tmp_path / "xmp.jpg", quality=90, xmp=xmp)
+    with Image.open(tmp_path / "xmp.jpg") as img:
+        expected = np.asarray(ImageOps.exif_transpose(img))
+    photo = photos.open_photo(tmp_path / "xmp.jpg")
+    assert photo.size == expected.shape[1::-1]
+    np.testing.assert_array_equal(photo.rows(0, 50), expected[:50])
     monkeypatch.setitem(sys.modules, "pyvips", None)  # without the inspect extra: PIL decodes every photo whole
     assert isinstance(photos.open_photo(tmp_path / "wall.jpg"), photos.DecodedPhoto)
 

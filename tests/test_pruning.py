@@ -97,11 +97,27 @@ def test_a_pruner_outside_an_optuna_sweep_is_a_clear_error(cli):
     ("hydra.sweeper.direction=up", "hydra.sweeper.direction: must be minimize or maximize"),
     ("sweep.storage=nosuchdb://x", "sweep.storage: the Optuna study's database nosuchdb://x cannot be opened"),
     ("sweep.pruner=median sweep.min_epochs=3", "sweep.min_epochs=3 is past the trials' last epoch (2)"),  # TINY: 2 epochs
+    ("hydra.sweeper.n_trials=two", "hydra.sweeper.n_trials: must be a whole number of at least 1"),
 ])
 def test_a_search_that_cannot_run_is_refused_before_its_parent_run_opens(cli, client, override, said):
     result = cli("-m", "+experiment=optuna_linear", *override.split())
     assert result.returncode == 2 and said in result.stderr and "Traceback" not in result.stderr
     assert not client.search_runs([e.experiment_id for e in client.search_experiments()])  # no parent left FAILED or empty
+
+
+def test_a_search_that_sweeps_its_epochs_is_not_refused_for_its_min_epochs(make_cfg):
+    from runner.sweep.study import check_sweep
+
+    def composed(*swept: str):  # a multirun's config: the swept keys left at their defaults (2 epochs), named in the task
+        cfg = make_cfg("+experiment=optuna_linear", "sweep.pruner=median", "sweep.min_epochs=5", "hydra.sweeper.direction=MAXIMIZE",
+                       return_hydra=True)
+        cfg.hydra.overrides.task = ["sweep.pruner=median", "sweep.min_epochs=5", *swept]
+        return cfg
+
+    with pytest.raises(ConfigError, match="sweep.min_epochs=5 is past"):
+        check_sweep(composed())
+    assert check_sweep(composed("trainer.epochs=4,8")).min_epochs == 5
+    assert check_sweep(composed("trainer.epochs=choice(4, 8)")).pruner == "median"
 
 
 class StandIn:
@@ -135,7 +151,7 @@ def stand_in_sweep(tmp_path: Path, n_trials: int, workers: int, slow: set[int] =
         "sweep": {"pruner": "none", "min_epochs": 1, "startup_trials": 1, "workers": workers,
                   "storage": f"sqlite:///{tmp_path / 'optuna.db'}"},
         "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}, "trainer": {"monitor": "val_loss", "epochs": 2},
-        "hydra": {"sweep": {"dir": str(tmp_path)}, "job": {"env_set": {"RUNNER_SWEEP_PARENT": "parent0"}}, "overrides": {"hydra": []},
+        "hydra": {"sweep": {"dir": str(tmp_path)}, "job": {"env_set": {"RUNNER_SWEEP_PARENT": "parent0"}}, "overrides": {"hydra": [], "task": []},
                   "sweeper": {"_target_": SWEEPER, "n_trials": n_trials, "direction": "maximize"}, "launcher": {"_target_": "test_pruning.StandIn"}},
     })
     search.launcher = launcher = StandIn(set(slow), set(lost))

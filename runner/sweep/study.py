@@ -45,19 +45,31 @@ def check_sweep(config: DictConfig) -> SweepConfig:
 
 def _check_search(sweeper: DictConfig, settings: SweepConfig) -> None:
     """The Optuna sweeper's own keys, and a sweep.storage that must open, before the sweep's parent run is made."""
-    trials = sweeper.get("n_trials")
-    if not isinstance(trials, int) or trials < 1:
+    raw = sweeper.get("n_trials")
+    try:
+        trials = int(str(raw))  # Hydra may hand it over as text (an env interpolation)
+    except ValueError:
+        trials = 0
+    if isinstance(raw, bool) or trials < 1:
         raise ConfigError(f"hydra.sweeper.n_trials: must be a whole number of at least 1 (the trials of the whole search), "
-                          f"got {trials!r}. Set e.g. hydra.sweeper.n_trials=16")
-    if sweeper.get("direction") not in ("minimize", "maximize"):
+                          f"got {raw!r}. Set e.g. hydra.sweeper.n_trials=16")
+    if str(sweeper.get("direction")).lower() not in ("minimize", "maximize"):  # Optuna takes either case
         raise ConfigError(f"hydra.sweeper.direction: must be minimize or maximize (what the jobs' objective should do), "
                           f"got {sweeper.get('direction')!r}. Set e.g. hydra.sweeper.direction=maximize")
     if settings.storage:
-        open_storage(settings.storage)
+        open_storage(settings.storage).engine.dispose()  # only to know it opens: the sweep opens its own
+
+
+EPOCH_KEYS = ("trainer.epochs", "trainer.fine_tune_epochs", "fine_tune_lr")  # what decides a trial's last epoch
 
 
 def _check_min_epochs(config: DictConfig, settings: SweepConfig) -> None:
-    """A sweep.min_epochs past every trial's last epoch would prune nothing, silently: refused."""
+    """A sweep.min_epochs past every trial's last epoch would prune nothing, silently: refused (unless the epochs are swept,
+    whose values the sweep's own config does not hold)."""
+    from runner.track.sweep import swept_keys  # (that module's callback imports this one when a sweep starts)
+
+    if set(swept_keys(config)) & set(EPOCH_KEYS):
+        return
     epochs = int(config.trainer.epochs) + (int(config.trainer.fine_tune_epochs) if config.get("fine_tune_lr") is not None else 0)
     if settings.pruner != "none" and settings.min_epochs > epochs:
         raise ConfigError(f"sweep.min_epochs={settings.min_epochs} is past the trials' last epoch ({epochs}), so sweep.pruner="
@@ -83,7 +95,7 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     try:  # sqlite: wait for a lock instead of failing at once (workers write side by side)
         return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {})
-    except (sqlalchemy.exc.SQLAlchemyError, OSError, ValueError, ImportError) as err:
+    except (sqlalchemy.exc.SQLAlchemyError, OSError, ValueError, ImportError, RuntimeError) as err:  # RuntimeError: another Optuna's schema
         raise ConfigError(f"sweep.storage: the Optuna study's database {redact(url)} cannot be opened ({type(err).__name__}: "
                           f"{str(err).splitlines()[0]}). Set sweep.storage to a database URL this machine reaches, e.g. "
                           "sqlite:///optuna.db or postgresql://user@host/db.") from None
