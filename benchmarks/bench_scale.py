@@ -135,6 +135,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, nargs="+", default=[10000, 40000])
     parser.add_argument("--size", type=int, default=227)
     parser.add_argument("--epochs", type=int, default=None, help="default: the config's")
+    parser.add_argument("--only", default="", help="keras: only the runs whose name holds this text (e.g. fine_tune)")
     argv = sys.argv[1:]
     rest = argv[argv.index("--") + 1 :] if "--" in argv else []  # one: the run's overrides
     args = parser.parse_args(argv[: len(argv) - len(rest) - (1 if rest else 0)])
@@ -163,13 +164,14 @@ def main() -> None:
         print(growth({n: results[n][1] for n in args.images}) + " (warm)")
     else:
         fits = {}
-        for name, overrides in KERAS_RUNS.items():
+        for name, overrides in ((k, v) for k, v in KERAS_RUNS.items() if args.only in k):
             runs = {n: measured(work, [*overrides, *sized(n)]) for n in args.images}
             again = {f"{n} again": measured(work, [*overrides, *sized(n)]) for n in args.images[-1:]}
             stage_table(name, {**{str(n): r for n, r in runs.items()}, **again})
             print(growth(runs))
             fits[name] = again[f"{args.images[-1]} again"]
-        conv5_limit(fits["ResNet50 freeze_depth=140"], args.images[-1], args.size, args.epochs)
+        if "ResNet50 freeze_depth=140" in fits:
+            conv5_limit(fits["ResNet50 freeze_depth=140"], args.images[-1], args.size, args.epochs)
 
 
 if __name__ == "__main__":
