@@ -83,7 +83,7 @@ class StreamedPhoto:
             try:
                 strip = self._image.crop(0, start, self.size[0], min(STRIP_ROWS, self.size[1] - start)).numpy()
             except pyvips.Error as err:
-                raise DataError(f"{self.path}: cannot be read as an image ({_said(err)}).") from None
+                raise unreadable(self.path, _said(err)) from None
             self._held = np.concatenate([self._held, strip.reshape(len(strip), self.size[0], -1)[..., :3]])
         return self._held[: bottom - top]
 
@@ -93,7 +93,7 @@ class StreamedPhoto:
         try:  # a second, shrink-on-load decode of the file, as upright as the strips
             small = pyvips.Image.thumbnail(str(self.path), size[0], height=size[1], size="force")
         except pyvips.Error as err:
-            raise DataError(f"{self.path}: cannot be read as an image ({_said(err)}).") from None
+            raise unreadable(self.path, _said(err)) from None
         pixels = small.numpy().reshape(small.height, small.width, -1)
         return Image.fromarray(np.repeat(pixels, 3, axis=2) if pixels.shape[2] == 1 else pixels[..., :3], "RGB")
 
@@ -111,7 +111,7 @@ def open_photo(path: Path, max_pixels: int = MAX_PHOTO_PIXELS) -> Photo:
         with _pil_limit(max_pixels):  # PIL checks its own guard on opening: ours is checked below, with the file's size
             img = Image.open(path)
     except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as err:
-        raise DataError(f"{path}: cannot be read as an image ({type(err).__name__}: {err}).") from None
+        raise unreadable(path, f"{type(err).__name__}: {err}") from None
     try:
         pixels = img.width * img.height
         if pixels > max_pixels:
@@ -132,7 +132,7 @@ def open_photo(path: Path, max_pixels: int = MAX_PHOTO_PIXELS) -> Photo:
         return DecodedPhoto(rgb)
     except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as err:
         img.close()
-        raise DataError(f"{path}: cannot be read as an image ({type(err).__name__}: {err}).") from None
+        raise unreadable(path, f"{type(err).__name__}: {err}") from None
     except BaseException:
         img.close()
         raise
@@ -141,6 +141,11 @@ def open_photo(path: Path, max_pixels: int = MAX_PHOTO_PIXELS) -> Photo:
 def _turn(orientation: int) -> int:
     """An EXIF orientation as both libraries apply it: 2 to 8 turn or mirror, any other value leaves the photo as stored."""
     return orientation if orientation in range(2, 9) else 1
+
+
+def unreadable(path: Path, why: str) -> DataError:
+    """The one error of a photo that cannot be decoded, whichever library found it."""
+    return DataError(f"{path}: cannot be read as an image ({why}).")
 
 
 def _said(err: Exception) -> str:
