@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -55,9 +56,23 @@ def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("data")
 
 
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty sqlite MLflow store, made once by MLflow's migrations (about a second each time)."""
+    database = tmp_path_factory.mktemp("empty-store") / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{database}").search_experiments()
+    services.forget_sqlite_engines()
+    return database
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> dict[str, str]:
-    """A fresh sqlite MLflow store with artifacts in tmp."""
+def store(tmp_path: Path, empty_store: Path) -> dict[str, str]:
+    """A fresh sqlite MLflow store with artifacts in tmp: a copy of the empty one.
+
+    The runner makes a store that does not exist yet itself (tests/test_concurrency.py and
+    test_storage_faults.py cover that on URIs of their own).
+    """
+    shutil.copyfile(empty_store, tmp_path / "mlflow.db")
     return {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "artifacts": str(tmp_path / "mlruns")}
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -20,6 +19,7 @@ from conftest import TINY
 from runner.app import run
 from runner.errors import ConfigError
 from runner.track.files import atomic_path
+from runner.train.epochs import Epochs
 
 pytestmark = pytest.mark.slow
 
@@ -37,21 +37,6 @@ def checkpoint_logged(artifacts: Path) -> Callable[[], bool]:
     return lambda: any(p.stat().st_size > 0 for p in artifacts.glob("*/artifacts/checkpoints/last.pt"))
 
 
-def epoch_logged(artifacts: Path, phase: str) -> Callable[[], bool]:
-    """Whether a run in ``artifacts`` has closed an epoch of ``phase`` (its history.json, rewritten each epoch)."""
-
-    def ready() -> bool:
-        for history in artifacts.glob("*/artifacts/history.json"):
-            try:
-                if any(epoch["phase"] == phase for epoch in json.loads(history.read_text())):
-                    return True
-            except (OSError, ValueError):  # being rewritten
-                pass
-        return False
-
-    return ready
-
-
 def start_and_interrupt(cli_env: dict, cmd: list[str], cwd: Path, ready: Callable[[], bool], sig: int) -> subprocess.CompletedProcess:
     """Start the runner, wait until ``ready()`` (e.g. its first checkpoint), then send ``sig`` (mid-training)."""
     proc = subprocess.Popen(cmd, cwd=cwd, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -64,6 +49,33 @@ def start_and_interrupt(cli_env: dict, cmd: list[str], cwd: Path, ready: Callabl
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@pytest.fixture
+def signal_at(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    """``signal_at(step, sig, nth=1)``: this process sends itself ``sig`` the ``nth`` time a run closes epoch ``step``.
+
+    For a command run in this interpreter (the ``cli`` fixture), whose handlers are the runner's:
+    the signal reaches the same handler as one from a terminal, at a known epoch instead of a
+    moment a test waits for. A signal from another process is tested by the linear run below
+    and by the joblib sweep.
+    """
+    targets: list[list[int]] = []  # [step, signal, times left to see the step]
+    end = Epochs.end
+
+    def end_then_signal(self: Epochs, step: int, *args: Any, **kwargs: Any) -> bool:
+        stop = end(self, step, *args, **kwargs)
+        for target in [t for t in targets if t[0] == step]:
+            target[2] -= 1
+            if target[2] == 0:
+                targets.remove(target)
+                if signal.getsignal(target[1]) in (signal.SIG_DFL, signal.default_int_handler):  # not the runner's: it would end pytest
+                    pytest.fail("signal_at is for commands run with the cli fixture, which install the runner's handlers")
+                signal.raise_signal(target[1])
+        return stop
+
+    monkeypatch.setattr(Epochs, "end", end_then_signal)
+    return lambda step, sig, nth=1: targets.append([step, sig, nth])
 
 
 def _cmd(store: dict, extra: list[str]) -> list[str]:
@@ -95,20 +107,19 @@ def test_interrupted_run_is_killed_and_resumes_to_the_same_result(sig, store, da
         assert finished.data.metrics[key] == reference.data.metrics[key], key
 
 
-# Two phases of three epochs: the head on the whole frozen base, then the base after layer 140. A
-# signal sent when an epoch has ended stops the run in one of the next two, inside the same phase.
-KERAS = ["model=resnet50", "model.weights=null", "freeze_depth=140", "fine_tune_lr=0.001", "trainer.epochs=3", "trainer.fine_tune_epochs=3"]
+# Two phases of two epochs: the head on the whole frozen base, then the base after layer 140.
+KERAS = ["model=resnet50", "model.weights=null", "freeze_depth=140", "fine_tune_lr=0.001", "trainer.epochs=2", "trainer.fine_tune_epochs=2"]
 
 
-def assert_killed(uri: str, result: subprocess.CompletedProcess) -> tuple[str, int]:
-    """The run stopped by ``result``'s signal is KILLED with epochs 1..n logged, each once: its id and n."""
+def assert_killed(uri: str, result: subprocess.CompletedProcess, epochs: int) -> str:
+    """The run stopped by ``result``'s signal is KILLED with epochs 1..``epochs`` logged, each once: its id."""
     assert result.returncode == 130, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     (killed,) = runs_of(uri)
-    assert killed.info.status == "KILLED"
+    assert killed.info.status == "KILLED" and f"resume={killed.info.run_id}" in result.stderr
     steps = [m.step for m in mlflow.MlflowClient(uri).get_metric_history(killed.info.run_id, "val_loss")]
-    assert sorted(steps) == list(range(1, len(steps) + 1))
-    return killed.info.run_id, len(steps)
+    assert sorted(steps) == list(range(1, epochs + 1))
+    return killed.info.run_id
 
 
 def uninterrupted(make_cfg: Callable[..., Any], overrides: list[str], tmp_path: Path) -> str:
@@ -130,40 +141,35 @@ def assert_same_run_as_uninterrupted(uri: str, run_id: str, reference_uri: str) 
     for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
         history = [(m.step, m.value) for m in mlflow.MlflowClient(uri).get_metric_history(run_id, key)]
         expected = [(m.step, m.value) for m in mlflow.MlflowClient(reference_uri).get_metric_history(reference.info.run_id, key)]
-        assert sorted(history) == sorted(expected) and [s for s, _ in sorted(history)] == [1, 2, 3, 4, 5, 6], key
+        assert sorted(history) == sorted(expected) and [s for s, _ in sorted(history)] == [1, 2, 3, 4], key
 
 
-def test_keras_run_interrupted_in_each_phase_resumes_to_the_uninterrupted_metrics(store, data_cache, tmp_path, make_cfg, cli):
+def test_keras_run_interrupted_in_each_phase_resumes_to_the_uninterrupted_metrics(store, tmp_path, make_cfg, cli, signal_at):
     """On the stored frozen features (the default): SIGTERM in the head phase, resumed; SIGINT in the fine-tune phase, resumed again."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"], "CRACK_RUNNER_DATA": str(data_cache)}
-    artifacts = Path(store["artifacts"])
-    result = start_and_interrupt(env, _cmd(store, KERAS), tmp_path, epoch_logged(artifacts, "head"), signal.SIGTERM)
-    run_id, done = assert_killed(store["uri"], result)
-    assert done in (1, 2)  # stopped inside the head phase
-    result = start_and_interrupt(env, _cmd(store, [*KERAS, f"resume={run_id}"]), tmp_path, epoch_logged(artifacts, "fine_tune"), signal.SIGINT)
-    assert f"resuming after epoch {done} (head phase)" in result.stderr
-    again, done = assert_killed(store["uri"], result)
-    assert again == run_id and done in (4, 5)  # stopped inside the fine-tune phase
+    signal_at(1, signal.SIGTERM)
+    run_id = assert_killed(store["uri"], cli(*KERAS), epochs=1)
+    signal_at(3, signal.SIGINT)
+    result = cli(*KERAS, f"resume={run_id}")
+    assert "resuming after epoch 1 (head phase)" in result.stderr
+    assert assert_killed(store["uri"], result, epochs=3) == run_id
     resumed = cli(*KERAS, f"resume={run_id}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming after epoch {done} (fine_tune phase)" in resumed.stderr
+    assert "resuming after epoch 3 (fine_tune phase)" in resumed.stderr
 
     assert_same_run_as_uninterrupted(store["uri"], run_id, uninterrupted(make_cfg, KERAS, tmp_path))
 
 
-VGG = ["model=vgg16", "model.weights=null", "freeze_depth=15", "fine_tune_lr=0.001", "trainer.epochs=3", "trainer.fine_tune_epochs=3"]
+VGG = ["model=vgg16", "model.weights=null", "freeze_depth=15", "fine_tune_lr=0.001", "trainer.epochs=2", "trainer.fine_tune_epochs=2"]
 
 
-def test_keras_run_through_the_frozen_layers_resumes_in_the_fine_tune_phase(store, data_cache, tmp_path, make_cfg, cli):
+def test_keras_run_through_the_frozen_layers_resumes_in_the_fine_tune_phase(store, tmp_path, make_cfg, cli, signal_at):
     """Without stored features (every epoch through the frozen layers), VGG16 for its short build: SIGTERM in the fine-tune phase."""
     through = [*VGG, "trainer.cache_frozen_features=false"]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"], "CRACK_RUNNER_DATA": str(data_cache)}
-    result = start_and_interrupt(env, _cmd(store, through), tmp_path, epoch_logged(Path(store["artifacts"]), "fine_tune"), signal.SIGTERM)
-    run_id, done = assert_killed(store["uri"], result)
-    assert done in (4, 5)
+    signal_at(3, signal.SIGTERM)
+    run_id = assert_killed(store["uri"], cli(*through), epochs=3)
     resumed = cli(*through, f"resume={run_id}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming after epoch {done} (fine_tune phase)" in resumed.stderr
+    assert "resuming after epoch 3 (fine_tune phase)" in resumed.stderr
 
     assert_same_run_as_uninterrupted(store["uri"], run_id, uninterrupted(make_cfg, through, tmp_path))
 
@@ -228,24 +234,30 @@ SWEEPS = {  # three jobs, the first resumed by another launcher than the one tha
 
 
 @pytest.mark.parametrize("kind", list(SWEEPS))
-def test_sweep_interrupted_in_its_second_job_resumes_each_job_once_under_the_same_parent(kind, store, data_cache, tmp_path, cli):
+def test_sweep_interrupted_in_its_second_job_resumes_each_job_once_under_the_same_parent(kind, store, data_cache, tmp_path, cli, signal_at):
+    """The joblib sweep is signalled from outside, as a terminal would (its jobs run in worker processes); the others in this process."""
     sweep, resume_with = SWEEPS[kind]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"], "CRACK_RUNNER_DATA": str(data_cache)}
     artifacts = Path(store["artifacts"])
+    epochs = 40 if kind == "joblib" else 3  # joblib: long enough to be signalled mid-training
+    long = [f"trainer.epochs={epochs}"]
+    if kind == "joblib":
+        def second_job_checkpoint() -> bool:  # the first job's were deleted when it FINISHED: a checkpoint now is the second's
+            return len(list(artifacts.glob("*/artifacts/history.json"))) >= 2 and checkpoint_logged(artifacts)()
 
-    def second_job_checkpoint() -> bool:  # the first job's were deleted when it FINISHED: a checkpoint now is the second's
-        return len(list(artifacts.glob("*/artifacts/history.json"))) >= 2 and checkpoint_logged(artifacts)()
-
-    cmd = [sys.executable, "-m", "runner", "-m", *TINY, f"tracking.artifact_root={store['artifacts']}", *sweep, *LONG]
-    result = start_and_interrupt(env, cmd, tmp_path, second_job_checkpoint, signal.SIGTERM)
+        env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"], "CRACK_RUNNER_DATA": str(data_cache)}
+        cmd = [sys.executable, "-m", "runner", "-m", *TINY, f"tracking.artifact_root={store['artifacts']}", *sweep, *long]
+        result = start_and_interrupt(env, cmd, tmp_path, second_job_checkpoint, signal.SIGTERM)
+    else:
+        signal_at(1, signal.SIGTERM, nth=2)  # the second job's first epoch
+        result = cli("-m", *sweep, *long)
     assert result.returncode == 130, result.stderr[-3000:]
     parent, jobs = sweep_jobs(store["uri"])
     assert parent.info.status == "KILLED" and f"resume={parent.info.run_id}" in result.stderr
     assert {n: j.info.status for n, j in jobs.items()} == {"0": "FINISHED", "1": "KILLED"}
     first, second = jobs["0"], jobs["1"]
-    assert 1 <= len(mlflow.MlflowClient(store["uri"]).get_metric_history(second.info.run_id, "val_loss")) < 40
+    assert 1 <= len(mlflow.MlflowClient(store["uri"]).get_metric_history(second.info.run_id, "val_loss")) < epochs
 
-    resumed = cli("-m", *sweep, *LONG, *resume_with, f"resume={parent.info.run_id}")
+    resumed = cli("-m", *sweep, *long, *resume_with, f"resume={parent.info.run_id}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     again, jobs = sweep_jobs(store["uri"])
     assert again.info.run_id == parent.info.run_id and again.info.status == "FINISHED"
@@ -255,4 +267,4 @@ def test_sweep_interrupted_in_its_second_job_resumes_each_job_once_under_the_sam
     assert jobs["1"].info.run_id == second.info.run_id and "resumed_with" in jobs["1"].data.tags  # continued
     assert jobs["1"].data.params["optimizer.lr"] == second.data.params["optimizer.lr"]
     steps = [m.step for m in mlflow.MlflowClient(store["uri"]).get_metric_history(second.info.run_id, "train_loss")]
-    assert sorted(steps) == list(range(1, 41))  # each epoch once
+    assert sorted(steps) == list(range(1, epochs + 1))  # each epoch once
