@@ -27,7 +27,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stages import bookkeeping_stages, compose_cfg, peak_rss_gb, timed_run  # noqa: E402
+from stages import MemoryPeaks, bookkeeping_stages, compose_cfg, peak_rss_gb, timed_run  # noqa: E402
 
 from crack_runner.datasets import synthetic  # noqa: E402
 
@@ -69,11 +69,15 @@ def one_run(work: Path, overrides: list[str]) -> None:
         model_class = trainer.TorchModel
         extra = [(trainer, "train_one_epoch", "epochs: training"), (trainer, "evaluate", "epochs: validation")]
     stages = [(app.datasets, "load", "data: decode or read cache, split"), *extra, *bookkeeping_stages(model_class)]
-    times = timed_run(stages, app.run, compose_cfg(overrides))
+    with MemoryPeaks() as memory:
+        times = timed_run(stages, app.run, compose_cfg(overrides))
     print(json.dumps({
         "times": times,
         "labels": [label for _, _, label in stages],
         "peak_rss_gb": peak_rss_gb(),
+        "own_peak_gb": memory.own_gb,
+        "own_peak_stage": memory.own_stage,
+        "mapped_peak_gb": memory.file_gb,
         "run_disk_gb": disk_bytes(Path(os.environ["TMPDIR"])) / 1e9,  # the run's own artifact root and folder (see measured)
         "store_gb": disk_bytes(work / "data" / "features") / 1e9,
     }))
@@ -98,6 +102,9 @@ def stage_table(title: str, results: dict[str, dict]) -> None:
     rows = [[label, *(f"{r['times'].get(label, 0.0):.1f}" for r in results.values())] for label in labels]
     rows.append(["whole run", *(f"{r['times']['whole run']:.1f}" for r in results.values())])
     rows.append(["peak RSS (GB)", *(f"{r['peak_rss_gb']:.2f}" for r in results.values())])
+    rows.append(["  of it, own memory at its peak (GB)", *(f"{r['own_peak_gb']:.2f}" for r in results.values())])
+    rows.append(["  mapped file pages at their peak (GB)", *(f"{r['mapped_peak_gb']:.2f}" for r in results.values())])
+    rows.append(["  own memory peaked in", *(r["own_peak_stage"] for r in results.values())])
     rows.append(["run disk: folder, artifacts, model (GB)", *(f"{r['run_disk_gb']:.3f}" for r in results.values())])
     rows.append(["frozen-feature store (GB)", *(f"{r['store_gb']:.3f}" for r in results.values())])
     print(f"\n{title} (seconds)\n" + tabulate(rows, headers=["stage", *results]))
@@ -124,7 +131,7 @@ def growth(results: dict[int, dict]) -> str:
     if per <= 0:
         return ""
     return (f"growth per 1,000 images ({small} -> {large}): {(b['times']['whole run'] - a['times']['whole run']) / per:.1f} s, "
-            f"{(b['peak_rss_gb'] - a['peak_rss_gb']) / per:.3f} GB peak RSS, {(b['store_gb'] - a['store_gb']) / per:.3f} GB store")
+            f"{(b['peak_rss_gb'] - a['peak_rss_gb']) / per:.3f} GB peak RSS ({(b['own_peak_gb'] - a['own_peak_gb']) / per:.3f} GB own), {(b['store_gb'] - a['store_gb']) / per:.3f} GB store")
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ minus those of stages called inside it, so the labels' seconds add up to the run
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from runner.track.tracking import Tracker
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 Stage = tuple[Any, str, str]  # (owner, attribute, label)
+RUNNING: list[str] = []  # the labels of the timed stages under way, innermost last (MemoryPeaks reads it)
 
 
 def peak_rss_gb() -> float:
@@ -38,6 +40,46 @@ def peak_rss_gb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+class MemoryPeaks:
+    """Peaks of this process's own memory (RssAnon + RssShmem) and of the file pages it maps (RssFile), sampled.
+
+    VmHWM counts both: the pages of a memory-mapped file that an epoch reads count while they
+    stay mapped, though they are page cache the kernel can take back, so a run over a
+    memory-mapped store reads larger than what it holds.
+    """
+
+    FIELDS = ("RssAnon:", "RssFile:", "RssShmem:")
+
+    def __init__(self, every_s: float = 0.1) -> None:
+        self.every_s = every_s
+        self.own_gb = self.file_gb = 0.0
+        self.own_stage = ""  # the stage under way when own memory peaked
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while True:
+            kb = {}
+            with contextlib.suppress(OSError):
+                for line in Path("/proc/self/status").read_text().splitlines():
+                    if line.startswith(self.FIELDS):
+                        kb[line.split(":")[0]] = int(line.split()[1])
+            own = (kb.get("RssAnon", 0) + kb.get("RssShmem", 0)) * 1024 / 1e9
+            if own > self.own_gb:
+                self.own_gb, self.own_stage = own, (RUNNING[-1] if RUNNING else "between the stages")
+            self.file_gb = max(self.file_gb, kb.get("RssFile", 0) * 1024 / 1e9)
+            if self._done.wait(self.every_s):
+                return
+
+    def __enter__(self) -> MemoryPeaks:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
 
 
 def compose_cfg(overrides: list[str]) -> DictConfig:
@@ -64,7 +106,7 @@ def stage_timers(stages: list[Stage]) -> Iterator[dict[str, float]]:
     Wall seconds under each label, CPU seconds of the process under ``cpu:<label>``.
     """
     times: dict[str, float] = defaultdict(float)
-    stack: list[str] = []
+    stack = RUNNING
     saved = []
     for owner, name, label in stages:
         original = getattr(owner, name)

@@ -306,3 +306,15 @@ def test_a_stored_entry_made_one_tensor_is_not_held_twice(tmp_path):
     assert batch.shape == (16, 2**20 // 2) and float(batch[0, 0]) == 1.0
     assert mapped_mb() < before + 32  # its pages were read into the tensor, then let go
     np.testing.assert_array_equal(entry[:2], 1)  # still readable: mapped again from the file
+
+
+def test_predictions_read_a_stored_entry_batch_by_batch_without_a_whole_copy(tmp_path):
+    def own_mb() -> int:
+        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("RssAnon")) // 1024
+
+    np.save(tmp_path / "entry.npy", np.full((256, 2**18), 2, np.float32))  # 256 MB: one tensor, were it read for training
+    entry = np.load(tmp_path / "entry.npy", mmap_mode="r")
+    before = own_mb()
+    total = sum(float(keras.ops.sum(batch)) for batch in tfdata.batches(entry, None, tfdata.batch_rows(len(entry), 16), once=True))
+    assert total == 2 * entry.size  # every row, once
+    assert own_mb() < before + 128, "the entry was copied whole"

@@ -94,7 +94,7 @@ class KerasModel:
         """Class probabilities of raw pixels (N, H, W, 3), uint8 or float, values 0..255."""
         probs = self.shortcut.predict_proba(images) if self.shortcut else None
         if probs is None:
-            probs = self.model.predict(batches(images, None, batch_rows(len(images), self.batch_size)), verbose=0)
+            probs = self.model.predict(batches(images, None, batch_rows(len(images), self.batch_size), once=True), verbose=0)
         return probs
 
     def log_model(self, tracker: Tracker, example: np.ndarray) -> str:

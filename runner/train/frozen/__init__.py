@@ -100,7 +100,7 @@ class FrozenShortcut:
         features = self.store.features(self.cut.prefix, images, "predict") if self.cut is not None else None
         if features is None:
             return None
-        return self.cut.rest.predict(batches(features, None, batch_rows(len(images), self.batch_size)), verbose=0)
+        return self.cut.rest.predict(batches(features, None, batch_rows(len(images), self.batch_size), once=True), verbose=0)
 
     def _stored(self, prefix: keras.Model, train: np.ndarray, val: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """What ``prefix`` computes for the train and val inputs, from the store; None if the disk cannot hold it."""

@@ -68,7 +68,7 @@ def batch_seeds(count: int, batch_size: int, seed: int, epochs: range) -> tf.dat
 
 def batches(
     array: np.ndarray, labels: np.ndarray | None, rows: tf.data.Dataset,
-    augment: Callable[[np.ndarray, np.int64], np.ndarray] | None = None, seeds: tf.data.Dataset | None = None,
+    augment: Callable[[np.ndarray, np.int64], np.ndarray] | None = None, seeds: tf.data.Dataset | None = None, once: bool = False,
 ) -> tf.data.Dataset:
     """Float32 batches (with labels, if given) of the rows of ``array`` in the order of ``rows``, prefetched.
 
@@ -80,10 +80,11 @@ def batches(
     ``rows`` see the rows in the same order. Arrays up to
     ``IN_MEMORY`` bytes become one tensor; larger ones (the 40,000-image set, a frozen prefix's
     feature maps of thousands of images) are gathered batch by batch from NumPy, memory-mapped
-    files included, with no copy of the whole array.
+    files included, with no copy of the whole array. ``once``: the rows are read once (predictions),
+    so they are gathered per batch whatever the size: a whole copy would only add memory.
     """
     targets = None if labels is None else tf.convert_to_tensor(labels)
-    if array.nbytes <= IN_MEMORY:
+    if array.nbytes <= IN_MEMORY and not once:
         source = tf.convert_to_tensor(np.asarray(array))
         release_pages(array)
 
