@@ -217,7 +217,7 @@ def test_inspect_log_records_a_run_and_a_kill_leaves_it_killed(trained, tmp_path
     assert {a.path for a in client.list_artifacts(run.info.run_id, "one")} == {"one/overlay.png", "one/patches.csv", "one/summary.json"}
     assert run.inputs.dataset_inputs[0].dataset.name == "photos"
 
-    for n in range(6):  # enough photos that a SIGTERM finds it mid-way
+    for n in range(10):  # enough photos that a SIGTERM sent when the first is done finds it mid-way (it once came after the last of six)
         photos.write_photo(tmp_path / "many" / f"{n}.jpg", *render_photo(10 + n, 1200, 900, cracks=1))
     env = {**os.environ, "MLFLOW_TRACKING_URI": trained["uri"]}
     proc = subprocess.Popen([sys.executable, "-m", "runner.inspect", trained["run_id"], str(tmp_path / "many"), "--out", str(tmp_path / "o"), "--log",
