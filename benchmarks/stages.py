@@ -27,16 +27,25 @@ Stage = tuple[Any, str, str]  # (owner, attribute, label)
 RUNNING: list[str] = []  # the labels of the timed stages under way, innermost last (MemoryPeaks reads it)
 
 
+def status_kb() -> dict[str, int]:
+    """This process's memory counters from /proc/self/status (VmHWM, RssAnon, RssFile, ...) in kB; empty off Linux."""
+    counters = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if value.strip().endswith(" kB"):
+                counters[name] = int(value.split()[0])
+    return counters
+
+
 def peak_rss_gb() -> float:
     """This process's peak resident memory since it started its program (VmHWM).
 
     Not ``getrusage``'s ru_maxrss: Linux carries into it the memory of the process that forked
     this one, as it stood at the exec, so a small command started by a large benchmark reads large.
     """
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024 / 1e9
+    if "VmHWM" in (counters := status_kb()):
+        return counters["VmHWM"] * 1024 / 1e9
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
@@ -50,8 +59,6 @@ class MemoryPeaks:
     memory-mapped store reads larger than what it holds.
     """
 
-    FIELDS = ("RssAnon:", "RssFile:", "RssShmem:")
-
     def __init__(self, every_s: float = 0.1) -> None:
         self.every_s = every_s
         self.own_gb = self.file_gb = 0.0
@@ -61,11 +68,7 @@ class MemoryPeaks:
 
     def _sample(self) -> None:
         while True:
-            kb = {}
-            with contextlib.suppress(OSError):
-                for line in Path("/proc/self/status").read_text().splitlines():
-                    if line.startswith(self.FIELDS):
-                        kb[line.split(":")[0]] = int(line.split()[1])
+            kb = status_kb()
             own = (kb.get("RssAnon", 0) + kb.get("RssShmem", 0)) * 1024 / 1e9
             if own > self.own_gb:
                 self.own_gb, self.own_stage = own, (RUNNING[-1] if RUNNING else "between the stages")

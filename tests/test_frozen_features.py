@@ -294,27 +294,26 @@ def test_epoch_orders_depend_on_the_seed_and_the_epoch_alone():
     assert rows(range(1, 5)) == whole  # iterated again: the same
 
 
-def test_a_stored_entry_made_one_tensor_is_not_held_twice(tmp_path):
-    def mapped_mb() -> int:
-        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("RssFile")) // 1024
+def status_mb(field: str) -> int:
+    """This process's RssFile (mapped file pages) or RssAnon (its own memory), in MB."""
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(f"{field}:")) // 1024
 
+
+def test_a_stored_entry_made_one_tensor_is_not_held_twice(tmp_path):
     np.save(tmp_path / "entry.npy", np.ones((64, 2**20 // 2), np.float16))  # 64 MB, as the store writes an entry
     entry = np.load(tmp_path / "entry.npy", mmap_mode="r")
-    before = mapped_mb()
+    before = status_mb("RssFile")
     rows = tfdata.batch_rows(len(entry), 16)
     batch = next(iter(tfdata.batches(entry, None, rows)))
     assert batch.shape == (16, 2**20 // 2) and float(batch[0, 0]) == 1.0
-    assert mapped_mb() < before + 32  # its pages were read into the tensor, then let go
+    assert status_mb("RssFile") < before + 32  # its pages were read into the tensor, then let go
     np.testing.assert_array_equal(entry[:2], 1)  # still readable: mapped again from the file
 
 
 def test_predictions_read_a_stored_entry_batch_by_batch_without_a_whole_copy(tmp_path):
-    def own_mb() -> int:
-        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("RssAnon")) // 1024
-
     np.save(tmp_path / "entry.npy", np.full((256, 2**18), 2, np.float32))  # 256 MB: one tensor, were it read for training
     entry = np.load(tmp_path / "entry.npy", mmap_mode="r")
-    before = own_mb()
+    before = status_mb("RssAnon")
     total = sum(float(keras.ops.sum(batch)) for batch in tfdata.batches(entry, None, tfdata.batch_rows(len(entry), 16), once=True))
     assert total == 2 * entry.size  # every row, once
-    assert own_mb() < before + 128, "the entry was copied whole"
+    assert status_mb("RssAnon") < before + 128, "the entry was copied whole"
