@@ -79,11 +79,11 @@ def test_multirun_of_three_learning_rates_is_one_group_and_compares(cli, store, 
     assert lines[0].startswith("run_id,status,optimizer.lr,test_f1,") and len(lines) == 4
 
 
-def test_joblib_runs_four_jobs_in_parallel_without_losing_any(cli, store):
-    result = cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=4", "optimizer.lr=0.1,0.01,0.001,0.0001")
+def test_joblib_runs_four_jobs_two_at_a_time_without_losing_any(cli, store):
+    result = cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "optimizer.lr=0.1,0.01,0.001,0.0001")
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = assert_grouped(store["uri"], 4)
-    assert {j.data.params["trainer.num_threads"] for j in jobs} == {"1"}  # 2 cores shared by 4 processes
+    assert {j.data.params["trainer.num_threads"] for j in jobs} == {str(max(1, (os.cpu_count() or 1) // 2))}  # the cores shared by the two workers
     client = mlflow.MlflowClient(store["uri"])
     for job in jobs:
         assert not client.list_artifacts(job.info.run_id, "checkpoints")  # FINISHED: only a resume needed them

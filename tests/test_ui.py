@@ -32,6 +32,7 @@ BROWSER_ARGS = [
 ]
 LEARNING_RATES = ("0.01", "0.001")
 CHAMPION = "cracks"  # the registered model's name
+SWEEPS = "sweeps"  # the experiment of the sweep
 
 pytestmark = [
     pytest.mark.slow,
@@ -53,8 +54,19 @@ def runs(make_cfg, client, store) -> list:
 
 
 @pytest.fixture
-def mlflow_ui(runs, store, mlflow_server) -> str:
-    """``mlflow server`` on 127.0.0.1 over the test's store."""
+def sweep(cli, client) -> tuple[str, object, list]:
+    """A multirun of two jobs in an experiment of its own in the same store: (its experiment id, the parent run, the job runs)."""
+    result = cli("-m", "optimizer.lr=0.01,0.001", "trainer.epochs=1", f"tracking.experiment={SWEEPS}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    experiment = client.get_experiment_by_name(SWEEPS)
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("sweep_role") == "sweep_parent"]
+    return experiment.experiment_id, parent, [r for r in runs if r is not parent]
+
+
+@pytest.fixture
+def mlflow_ui(runs, sweep, store, mlflow_server) -> str:
+    """``mlflow server`` on 127.0.0.1 over the test's store (one server and one browser: each takes seconds to start)."""
     return mlflow_server("--backend-store-uri", store["uri"], "--default-artifact-root", store["artifacts"])
 
 
@@ -78,7 +90,7 @@ def close_assistant(page) -> None:
         close.click()
 
 
-def test_mlflow_ui_shows_the_runs_their_data_metrics_and_the_champion(mlflow_ui, runs, client):
+def test_mlflow_ui_shows_the_runs_their_data_metrics_the_champion_and_a_sweep_under_its_parent(mlflow_ui, runs, sweep, client):
     experiment_id = runs[0].info.experiment_id
     champion = client.get_model_version_by_alias(CHAMPION, "champion")
     best = next(r for r in runs if r.info.run_id == champion.run_id)  # a run of the best test accuracy
@@ -164,28 +176,11 @@ def test_mlflow_ui_shows_the_runs_their_data_metrics_and_the_champion(mlflow_ui,
             sync_api.expect(version).to_contain_text(best.info.run_id)  # its source_run tag
             close_assistant(page)
             screenshot(page, "mlflow_ui_champion.png")
-        except Exception:
-            screenshot(page, "mlflow_ui_failure.png")
-            raise
-        finally:
-            browser.close()
 
-
-def test_mlflow_ui_groups_a_sweep_under_its_parent(cli, store, mlflow_server, client):
-    """A multirun is one collapsed parent row ('sweep <folder>'); expanding it shows one run per job."""
-    result = cli("-m", "optimizer.lr=0.01,0.001", "trainer.epochs=1")
-    assert result.returncode == 0, result.stderr[-3000:]
-    experiment = client.get_experiment_by_name("crack-classification")
-    runs = client.search_runs([experiment.experiment_id])
-    (parent,) = [r for r in runs if r.data.tags.get("sweep_role") == "sweep_parent"]
-    jobs = [r for r in runs if r is not parent]
-    url = mlflow_server("--backend-store-uri", store["uri"], "--default-artifact-root", store["artifacts"])
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
-        page = browser.new_page(viewport={"width": 1600, "height": 500})
-        page.set_default_timeout(30_000)
-        try:
-            page.goto(f"{url}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning")
+            # A multirun is one collapsed parent row ('sweep <folder>'); expanding it shows one run per job.
+            sweep_experiment, parent, jobs = sweep
+            page.set_viewport_size({"width": 1600, "height": 500})
+            page.goto(ui_link(mlflow_ui, sweep_experiment))
             parent_row = page.locator(f"[role=row][row-id='{parent.info.run_id}']")
             parent_row.get_by_role("link", name=parent.info.run_name, exact=True).wait_for()
             close_assistant(page)

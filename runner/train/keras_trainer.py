@@ -323,7 +323,9 @@ def fit(run: RunConfig, data: DataSplits, tracker: Tracker, epochs: Epochs, resu
         else:
             train, val = image_batches(run, data, span)
             model.fit(train, validation_data=val, **fit_args)  # the plain path: every layer, every epoch
-    epochs.finish(model.load_weights)  # the classifier's layers, which the trainable rest fitted on stored output shares
+    # The best epoch's classifier, read as a resume reads it (Keras' model.load_weights reads a .keras
+    # archive's weights through zipfile seeks, several times slower); the trainable rest on stored output shares its layers.
+    epochs.finish(lambda path: read_checkpoint(path).restore(model, optimizer=False))
     return KerasModel(model, run.trainer.batch_size, epochs.history, shortcut if shortcut and shortcut.cut else None)
 
 
