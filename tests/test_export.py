@@ -83,15 +83,3 @@ def test_an_export_that_does_not_match_keeps_nothing_and_a_failed_one_never_fail
     assert found.data.tags["onnx"].startswith("refused") and "no ONNX file for run" in caplog.text
     with pytest.raises(onnx_export.ConfigError, match="nothing was kept"):
         onnx_export.export_run(found.info.run_id, "torch", onnx_export.run_data(found.info.run_id).data, onnx_export.ExportSettings())
-
-
-@pytest.mark.slow
-def test_a_keras_model_exports_through_its_own_onnx_export_and_matches(make_cfg, client, store, tmp_path):
-    run(make_cfg("model=vgg16", "model.weights=null", "trainer.epochs=1"))
-    found = only_run(client)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"]}
-    done = services.run_in_process([found.info.run_id], tmp_path, env, "runner.export")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "onnx kept: matches the native model" in done.stdout
-    assert artifacts(client, found.info.run_id) == {"onnx/float32"}
-    assert client.get_run(found.info.run_id).data.metrics["onnx_max_abs_diff"] <= onnx_export.TOLERANCE

@@ -19,9 +19,10 @@ from crack_runner.models.errors import ModelError
 from crack_runner.models.keras_backbones import BACKBONES, build, freeze, frozen_layer_count, load_base
 from runner.app import run
 from runner.config.schema import to_run_config
+from runner.deploy import onnx_export
 from runner.errors import TrainingError
 from runner.train.epochs import Epochs
-from services import disk_bytes
+from services import disk_bytes, run_in_process
 
 SHAPE = (32, 32, 3)
 RESNET50_LAYERS = 175
@@ -204,11 +205,15 @@ LOAD_AND_PREDICT = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_vgg16_logged_model_loads_and_predicts_in_a_fresh_process(make_cfg, client, store, tmp_path):
-    cfg = make_cfg("model=vgg16", "model.weights=null")
-    run(cfg)
+def test_a_vgg16_run_repeats_on_mapped_pixels_and_its_logged_model_predicts_in_a_fresh_process_and_exports(make_cfg, client, store, tmp_path):
+    """One tiny VGG16 run (a Keras run takes seconds to build and trace) checked three ways."""
+    overrides = ("model=vgg16", "model.weights=null", "seed=5", "objective=val_loss")
+    cfg = make_cfg(*overrides)
+    metrics = run(cfg)
     found = only_run(client)
     assert found.info.status == "FINISHED" and found.data.params["model.name"] == "vgg16"
+
+    # The logged model loads and predicts in a fresh interpreter, outside the project.
     run_cfg = to_run_config(cfg)
     test = datasets.load(run_cfg.dataset, run_cfg.seed, progress=False).test
     np.save(tmp_path / "images.npy", test.images.astype(np.float32))
@@ -221,11 +226,15 @@ def test_vgg16_logged_model_loads_and_predicts_in_a_fresh_process(make_cfg, clie
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
     assert (probs.argmax(1) == test.labels).mean() == pytest.approx(found.data.metrics["test_accuracy"])
 
+    # runner.export makes its ONNX file through Keras' own export, kept because it matches the native model.
+    done = run_in_process([found.info.run_id], tmp_path, {**os.environ, "MLFLOW_TRACKING_URI": store["uri"]}, "runner.export")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "onnx kept: matches the native model" in done.stdout
+    assert {a.path for a in client.list_artifacts(found.info.run_id, "onnx")} == {"onnx/float32"}
+    assert client.get_run(found.info.run_id).data.metrics["onnx_max_abs_diff"] <= onnx_export.TOLERANCE
 
-@pytest.mark.slow
-def test_same_seed_same_metrics_with_pixels_in_memory_or_memory_mapped(make_cfg, client):
-    overrides = ("model=vgg16", "model.weights=null", "seed=5", "objective=val_loss")
-    assert run(make_cfg(*overrides)) == run(make_cfg(*overrides, "dataset.in_memory_gb=0"))
+    # The same seed with the pixels memory-mapped instead of in memory: the same metrics.
+    assert run(make_cfg(*overrides, "dataset.in_memory_gb=0")) == metrics
 
 
 @pytest.mark.slow
