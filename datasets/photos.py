@@ -14,6 +14,7 @@ libjpeg holds a progressive one whole); the pixels are the ones PIL decodes. Oth
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -161,6 +162,7 @@ def _streamed(path: Path, orientation: int) -> StreamedPhoto | None:
     except (ImportError, OSError):  # not installed, or its libvips missing: PIL decodes the photo whole
         return None
     pyvips.cache_set_max(0)  # no decoded photo kept after its inspection (nor read stale if the file is rewritten)
+    logging.getLogger("pyvips").setLevel(logging.WARNING)  # libvips' INFO lines (one per thread pool) would bury a command's log
     try:
         image = pyvips.Image.new_from_file(str(path), access="sequential", fail_on="truncated")
         if image.format != "uchar" or image.hasalpha() or image.bands not in (1, 3):

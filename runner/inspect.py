@@ -20,7 +20,6 @@ import itertools
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -30,7 +29,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from crack_runner.datasets import photos
+from crack_runner.datasets import photos, stopping
 from crack_runner.datasets.errors import DataError
 from runner.config.redact import command_logging
 from runner.deploy import runtime as runtimes
@@ -38,6 +37,7 @@ from runner.errors import USER_ERRORS, ConfigError, StorageError
 from runner.inspection.crack_map import CrackMap
 from runner.inspection.windows import Window, grid
 from runner.predict import DEFAULT_TRACKING_URI, LoggedModel, describe, image_files
+from runner.track import interrupt
 from runner.track.safe_load import PICKLE_VARIABLE
 
 log = logging.getLogger("runner.inspect")
@@ -83,6 +83,7 @@ def inspect_photo(
     try:
         with tqdm(total=len(windows), desc=path.name, unit="patch", disable=not progress, leave=False) as bar:
             for pixels in batches(photo, windows, logged.image_size, batch_size):
+                stopping.check()
                 with contextlib.redirect_stdout(sys.stderr):  # stdout is the result: frameworks' progress bars go to stderr
                     found.append(np.asarray(model.predict(pixels))[:, crack])
                 bar.update(len(pixels))
@@ -133,7 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     command_logging(logging.INFO, "%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` ends like Ctrl-C: the logged run is closed KILLED
+    # Ctrl-C and `kill` stop at the next batch or photo, and the logged run is closed KILLED. Not a
+    # KeyboardInterrupt raised wherever the signal lands: inside libvips' logging callback it was lost.
+    interrupt.install()
     try:
         files = [f for f in image_files(args.photos) if not f.name.endswith(photos.TRUTH_SUFFIX)]  # masks beside photos are no photos
         if not files:
@@ -174,6 +177,7 @@ def inspect_all(args: argparse.Namespace, files: list[Path], model: runtimes.Run
     """Inspect each photo in turn, naming and skipping those that cannot be read or written; how many were inspected."""
     done, taken = 0, set()
     for path in files:
+        stopping.check()
         try:
             crack_map, photo = inspect_photo(path, model, logged, patch, stride, args.threshold, args.batch_size, sys.stderr.isatty())
         except (DataError, ConfigError) as err:
