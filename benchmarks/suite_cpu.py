@@ -8,8 +8,9 @@ subprocesses, joblib and Ray workers, servers it stopped). Then summarise:
     PYTHONPATH=benchmarks SUITE_CPU_DIR=/tmp/suite-cpu python -m pytest -q -p suite_cpu
     python benchmarks/suite_cpu.py /tmp/suite-cpu
 
-Processes a test leaves to others (Ray's daemons, a server stopped by a module fixture) are
-counted where they are waited for, or not at all.
+Give each suite run a fresh folder: records are appended. Processes a test leaves to others
+(Ray's daemons, a server stopped by a module fixture) are counted where they are waited for, or
+not at all; threads an earlier test left running (TensorFlow's pools) count for the test under way.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not records:
         raise SystemExit(f"no records in {args.folder}: run pytest with -p suite_cpu and {OUT}={args.folder}")
     first = min(r["start"] for r in records)
-    print(f"{len(records)} tests: wall {sum(r['wall'] for r in records):.0f} s, CPU {sum(r['own'] for r in records):.0f} s in the workers "
+    print(f"{len(records)} tests: busy {sum(r['wall'] for r in records):.0f} worker-seconds, CPU {sum(r['own'] for r in records):.0f} s in the workers "
           f"and {sum(r['children'] for r in records):.0f} s in their processes")
     for name, rs in workers.items():
         print(f"{name}: busy {sum(r['wall'] for r in rs):.0f} s, last test ended {max(r['start'] + r['wall'] for r in rs) - first:.0f} s after the first began")

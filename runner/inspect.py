@@ -148,10 +148,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = runtimes.load(logged.uri, logged.run_id, args.runtime, args.allow_pickle)
         patch = args.patch or logged.image_size
         stride = args.stride or max(1, patch // 2)
+        stopping.check()  # stopped while the model loaded: no inspection run opened only to be closed
         tracker = InspectionRun(args, logged, model.name, patch, stride, files) if args.log else None
     except USER_ERRORS as err:
         log.error("%s", err)
         return 2
+    except KeyboardInterrupt:  # a stop before the first photo (a second signal stops a slow load at once)
+        log.error("interrupted before the first photo; nothing was inspected")
+        return 130
     status, done = "FAILED", 0
     try:
         done = inspect_all(args, files, model, logged, patch, stride, tracker)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+import runner.inspect as inspect_command
 import services
 from crack_runner.datasets import photos
 from crack_runner.datasets.folder import viewer_rgb
@@ -246,3 +247,27 @@ def test_inspect_log_records_a_run_and_a_kill_leaves_it_killed(trained, tmp_path
     fixed = services.run_in_process(["--tracking-uri", trained["uri"], "--fix"], tmp_path, env, "runner.doctor")
     assert fixed.returncode == 0, fixed.stderr[-3000:]
     assert client.get_run(runs[0].info.run_id).info.status == "KILLED"
+
+
+def test_a_stop_while_the_model_loads_opens_no_inspection_run(trained, tmp_path, monkeypatch):
+    """SIGTERM during the model's load: exit 130 before the first photo, no run opened only to be closed KILLED."""
+    image, truth = render_photo(3, 300, 200, cracks=1)
+    photos.write_photo(tmp_path / "p" / "one.jpg", image, truth)
+    client = mlflow.MlflowClient(trained["uri"])
+
+    def inspection_runs() -> int:
+        inspections = client.get_experiment_by_name("inspections")
+        return len(client.search_runs([inspections.experiment_id])) if inspections else 0
+
+    load = inspect_command.runtimes.load
+
+    def load_then_signalled(*args, **kwargs):
+        loaded = load(*args, **kwargs)
+        signal.raise_signal(signal.SIGTERM)  # through the handler the command installed, as a `kill` would
+        return loaded
+
+    monkeypatch.setattr(inspect_command.runtimes, "load", load_then_signalled)
+    before = inspection_runs()
+    done = inspect_cli(trained, tmp_path, trained["run_id"], str(tmp_path / "p"), "--out", str(tmp_path / "out"), "--log")
+    assert done.returncode == 130 and "nothing was inspected" in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert not (tmp_path / "out").exists() and inspection_runs() == before

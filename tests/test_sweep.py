@@ -7,9 +7,11 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from omegaconf import OmegaConf
 
 import services
 from runner.report import runs as compared
+from runner.track.job import _threads_per_job
 
 pytestmark = pytest.mark.slow
 
@@ -88,6 +90,12 @@ def test_joblib_runs_four_jobs_two_at_a_time_without_losing_any(cli, store):
     for job in jobs:
         assert not client.list_artifacts(job.info.run_id, "checkpoints")  # FINISHED: only a resume needed them
         assert len(client.get_metric_history(job.info.run_id, "val_loss")) == 2
+
+
+@pytest.mark.parametrize("cores, n_jobs, threads", [(2, 2, 1), (8, 2, 4), (8, 4, 2), (8, -1, 1), (1, 4, 1), (8, None, 8)])
+def test_parallel_jobs_share_the_cores(monkeypatch, cores, n_jobs, threads):
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    assert _threads_per_job(OmegaConf.create({"n_jobs": n_jobs})) == threads
 
 
 def test_ray_launcher_runs_two_jobs(cli, store):

@@ -23,7 +23,7 @@ _closers: list[Callable[[str], list[str]]] = []  # close what a sweep left open 
 
 
 def install() -> None:
-    """Route SIGINT and SIGTERM to the deferred stop (main process of ``python -m runner`` only)."""
+    """Route SIGINT and SIGTERM to the deferred stop (the main process of ``python -m runner`` and ``runner.inspect``)."""
     signal.signal(signal.SIGINT, _handler)
     signal.signal(signal.SIGTERM, _handler)
 
