@@ -13,6 +13,7 @@ import keras
 import mlflow
 import numpy as np
 import pytest
+from test_export import artifacts
 
 from crack_runner import datasets
 from crack_runner.models.errors import ModelError
@@ -230,7 +231,7 @@ def test_a_vgg16_run_repeats_on_mapped_pixels_and_its_logged_model_predicts_in_a
     done = run_in_process([found.info.run_id], tmp_path, {**os.environ, "MLFLOW_TRACKING_URI": store["uri"]}, "runner.export")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "onnx kept: matches the native model" in done.stdout
-    assert {a.path for a in client.list_artifacts(found.info.run_id, "onnx")} == {"onnx/float32"}
+    assert artifacts(client, found.info.run_id) == {"onnx/float32"}
     assert client.get_run(found.info.run_id).data.metrics["onnx_max_abs_diff"] <= onnx_export.TOLERANCE
 
     # The same seed with the pixels memory-mapped instead of in memory: the same metrics.

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import pytest
+from test_sweep import sweep_runs
 
 from conftest import ARTIFACTS
 from runner import compare
@@ -54,14 +55,12 @@ def runs(make_cfg, client, store) -> list:
 
 
 @pytest.fixture
-def sweep(cli, client) -> tuple[str, object, list]:
-    """A multirun of two jobs in an experiment of its own in the same store: (its experiment id, the parent run, the job runs)."""
+def sweep(cli, store) -> tuple[object, list]:
+    """A multirun of two jobs in an experiment of its own in the same store: (the parent run, the job runs)."""
     result = cli("-m", "optimizer.lr=0.01,0.001", "trainer.epochs=1", f"tracking.experiment={SWEEPS}")
     assert result.returncode == 0, result.stderr[-3000:]
-    experiment = client.get_experiment_by_name(SWEEPS)
-    runs = client.search_runs([experiment.experiment_id])
-    (parent,) = [r for r in runs if r.data.tags.get("sweep_role") == "sweep_parent"]
-    return experiment.experiment_id, parent, [r for r in runs if r is not parent]
+    (parent,), jobs = sweep_runs(store["uri"], SWEEPS)
+    return parent, jobs
 
 
 @pytest.fixture
@@ -178,9 +177,9 @@ def test_mlflow_ui_shows_the_runs_their_data_metrics_the_champion_and_a_sweep_un
             screenshot(page, "mlflow_ui_champion.png")
 
             # A multirun is one collapsed parent row ('sweep <folder>'); expanding it shows one run per job.
-            sweep_experiment, parent, jobs = sweep
+            parent, jobs = sweep
             page.set_viewport_size({"width": 1600, "height": 500})
-            page.goto(ui_link(mlflow_ui, sweep_experiment))
+            page.goto(ui_link(mlflow_ui, parent.info.experiment_id))
             parent_row = page.locator(f"[role=row][row-id='{parent.info.run_id}']")
             parent_row.get_by_role("link", name=parent.info.run_name, exact=True).wait_for()
             close_assistant(page)
