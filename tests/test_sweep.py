@@ -82,7 +82,7 @@ def test_multirun_of_three_learning_rates_is_one_group_and_compares(cli, store, 
 
 
 def test_joblib_runs_four_jobs_two_at_a_time_without_losing_any(cli, store):
-    result = cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "optimizer.lr=0.1,0.01,0.001,0.0001")
+    result = cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "optimizer.lr=0.1,0.01,0.001,0.0001", "trainer.num_threads=null")
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = assert_grouped(store["uri"], 4)
     assert {j.data.params["trainer.num_threads"] for j in jobs} == {str(max(1, (os.cpu_count() or 1) // 2))}  # the cores shared by the two workers
@@ -99,7 +99,7 @@ def test_parallel_jobs_share_the_cores(monkeypatch, cores, n_jobs, threads):
 
 
 def test_ray_launcher_runs_two_jobs(cli, store):
-    result = cli("-m", "hydra/launcher=ray", "+hydra.launcher.ray.init.num_cpus=2", "optimizer.lr=0.01,0.001",
+    result = cli("-m", "hydra/launcher=ray", "+hydra.launcher.ray.init.num_cpus=2", "optimizer.lr=0.01,0.001", "trainer.num_threads=null",
                  process=True)  # Ray's driver state outlives the command: not in the test's process
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = assert_grouped(store["uri"], 2)

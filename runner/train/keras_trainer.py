@@ -115,7 +115,9 @@ class KerasModel:
             "tensorflow",
             inference,
             example.astype(np.float32),
-            lambda x: inference.predict(x, verbose=0),  # the logged model itself, as pyfunc will run it
+            # The logged model itself, called once: the signature needs the output's shape and dtype, which
+            # model.predict gives too, but only after tracing a graph of the whole network for one example.
+            lambda x: keras.ops.convert_to_numpy(inference([x], training=False)),  # its inputs: a list of one
             requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}", "numpy"],
         )
 
