@@ -33,8 +33,8 @@ TINY = [
     "trainer.epochs=2",
     "trainer.batch_size=8",
     "trainer.progress=false",
-    # One thread a run: pytest-xdist runs a worker per core, and two runs of two threads each on two cores
-    # spend their time waiting for each other's threads (the tests of how cores are divided set it back to null).
+    # One thread a run: pytest-xdist already runs a worker per core, where a run's second thread only competes
+    # with the other worker's run for the same cores (the tests of how cores are divided set it back to null).
     "trainer.num_threads=1",
     "export.onnx=false",  # made by default for the linear model; tests/test_export.py makes and checks them
 ]
