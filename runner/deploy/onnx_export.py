@@ -183,7 +183,7 @@ def convert(model: Any, framework: str, example: np.ndarray, path: Path) -> None
         torch.onnx.export(program, f=str(path), input_names=[INPUT], output_names=["probabilities"], dynamo=True, external_data=False,
                           verbose=False)  # one file, weights inside it
     elif framework == "keras":
-        model.predict(example, verbose=0)  # Keras exports only a model that has been called; predict takes the pixels in any input structure
+        model.predict(example, verbose=0)  # Keras exports only a model that has been called; predict takes any input structure
         model.export(str(path), format="onnx", verbose=False)
         _rename_input(path)
     else:
