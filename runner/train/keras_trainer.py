@@ -309,7 +309,7 @@ def fit(run: RunConfig, data: DataSplits, tracker: Tracker, epochs: Epochs, resu
             checkpoint.restore(model, optimizer=left < phase.epochs)
             log.info("resuming after epoch %d (%s phase) from the checkpoint of run %s", done, checkpoint.phase, tracker.run_id)
             checkpoint = None
-        cut = shortcut.begin_phase(first=number == 1, last=number == len(phases)) if shortcut else None
+        cut = shortcut.begin_phase(first=number == 1) if shortcut else None
         log_phase(tracker, number, len(phases), phase, model, base, cut)
         fit_args = dict(
             initial_epoch=done,

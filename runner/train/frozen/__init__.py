@@ -49,9 +49,10 @@ class FrozenShortcut:
         self.features: tuple[np.ndarray, np.ndarray] | None = None  # that output for the train and val images
         self.later: CutModel | None = None  # the fine-tune phase's cut, known before the first phase
         self.tail: keras.Model | None = None  # with `later`, the rest of the frozen base on its output (phase 1's pooled vectors)
+        self.cuts: dict[tuple[bool, ...], CutModel | None] = {}  # by which base layers train: each cut is made once
         if fine_tune_depth is not None:
             freeze(base, fine_tune_depth)
-            self.later = cut_after_frozen(model, base)
+            self.later = self._cut_after_frozen()
             if self.later is not None and self.later.cut != POOL:
                 self.tail = tail_after(base, self.later.cut)
 
@@ -62,7 +63,7 @@ class FrozenShortcut:
         """
         if self.later is None:
             freeze(self.base, first_depth)
-        cut = self.later or cut_after_frozen(self.model, self.base)
+        cut = self.later or self._cut_after_frozen()
         if cut is None:
             return True
         splits = [("train", self.data.train.images), ("val", self.data.val.images), ("test", self.data.test.images)]
@@ -71,12 +72,12 @@ class FrozenShortcut:
             planned += [(self.tail, len(images), f"{name} pooled") for name, images in splits[:2]]
         return self.store.room_for(planned)
 
-    def begin_phase(self, first: bool, last: bool) -> CutModel | None:
+    def begin_phase(self, first: bool) -> CutModel | None:
         """After the phase's freeze and compile: the cut it trains after, its frozen output stored; None: the plain path.
 
         None when nothing before the trainable layers is frozen, or when the disk cannot hold the output.
         """
-        self.cut = self.later if (self.later is not None and last) else cut_after_frozen(self.model, self.base)
+        self.cut = self._cut_after_frozen()
         if self.later is not None and first and self.later.cut != POOL:  # the head on the whole frozen base
             self.features = self._pooled_via_later()
         else:
@@ -101,6 +102,13 @@ class FrozenShortcut:
         if features is None:
             return None
         return self.cut.rest.predict(batches(features, None, batch_rows(len(images), self.batch_size), once=True), verbose=0)
+
+    def _cut_after_frozen(self) -> CutModel | None:
+        """:func:`cut_after_frozen` for the base layers frozen now, made once per set of them (one phase asks twice)."""
+        trains = tuple(layer.trainable for layer in self.base.layers)
+        if trains not in self.cuts:
+            self.cuts[trains] = cut_after_frozen(self.model, self.base)
+        return self.cuts[trains]
 
     def _stored(self, prefix: keras.Model, train: np.ndarray, val: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """What ``prefix`` computes for the train and val inputs, from the store; None if the disk cannot hold it."""

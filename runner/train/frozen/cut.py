@@ -11,6 +11,8 @@ beside the speed machinery, and not in models/.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import keras
@@ -26,11 +28,18 @@ class CutModel:
     ``prefix(pixels)`` is what the frozen layers compute (in inference mode: the activations at
     ``cut``); ``rest(prefix(pixels))`` equals the classifier's output, and training ``rest``
     trains the classifier itself, since it is made of the classifier's own layer objects.
+    The prefix, a copy of the frozen layers, is made on first use: a fine-tune run's head phase
+    trains on pooled vectors computed another way (:func:`tail_after`) and never needs its own.
+    Its layers are frozen, so it copies the same weights whenever it is made.
     """
 
-    prefix: keras.Model
     rest: keras.Model
     cut: str  # the layer whose output is stored ("pool": the whole base frozen)
+    make_prefix: Callable[[], keras.Model]
+
+    @functools.cached_property
+    def prefix(self) -> keras.Model:
+        return self.make_prefix()
 
 
 def _last_consumers(base: keras.Model) -> list[int]:
@@ -144,13 +153,7 @@ def cut_after_frozen(model: keras.Model, base: keras.Model) -> CutModel | None:
         if not cuts:
             return None
         cut = cuts[-1]
-    pixels = model.inputs[0]
-    preprocess = keras.Model(pixels, model.get_layer(PREPROCESS).output)
-    prefix = fold_batch_norm(base if whole else keras.Model(base.inputs, layers[cut].output))
-    raw = keras.Input(shape=pixels.shape[1:], dtype=pixels.dtype)
-    features = prefix(preprocess(raw))
     if whole:
-        features = keras.layers.GlobalAveragePooling2D()(features)  # the head's pooling, which has no weights
         rest = keras.Model(model.get_layer(POOL).output, model.outputs[0], name="trainable_part")
     else:
         boundary = layers[cut].output
@@ -158,7 +161,19 @@ def cut_after_frozen(model: keras.Model, base: keras.Model) -> CutModel | None:
         head = keras.Model(model.get_layer(POOL).input, model.outputs[0])
         activations = keras.Input(shape=boundary.shape[1:], dtype=boundary.dtype)
         rest = keras.Model(activations, head(suffix(activations)), name="trainable_part")
-    return CutModel(keras.Model(raw, features, name="frozen_part"), rest, POOL if whole else layers[cut].name)
+    return CutModel(rest, POOL if whole else layers[cut].name, functools.partial(_prefix, model, base, None if whole else cut))
+
+
+def _prefix(model: keras.Model, base: keras.Model, cut: int | None) -> keras.Model:
+    """Pixels to the output of base layer ``cut`` (None: the pooled output of the whole base), BatchNormalization folded."""
+    pixels = model.inputs[0]
+    preprocess = keras.Model(pixels, model.get_layer(PREPROCESS).output)
+    frozen = fold_batch_norm(base if cut is None else keras.Model(base.inputs, base.layers[cut].output))
+    raw = keras.Input(shape=pixels.shape[1:], dtype=pixels.dtype)
+    features = frozen(preprocess(raw))
+    if cut is None:
+        features = keras.layers.GlobalAveragePooling2D()(features)  # the head's pooling, which has no weights
+    return keras.Model(raw, features, name="frozen_part")
 
 
 def tail_after(base: keras.Model, cut: str) -> keras.Model:
