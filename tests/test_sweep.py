@@ -99,7 +99,9 @@ def test_parallel_jobs_share_the_cores(monkeypatch, cores, n_jobs, threads):
 
 
 def test_ray_launcher_runs_two_jobs(cli, store):
-    result = cli("-m", "hydra/launcher=ray", "+hydra.launcher.ray.init.num_cpus=2", "optimizer.lr=0.01,0.001", "trainer.num_threads=null",
+    # Ray's dashboard off: a local cluster starts it by default, in processes of its own that nothing here looks at
+    result = cli("-m", "hydra/launcher=ray", "+hydra.launcher.ray.init.num_cpus=2", "+hydra.launcher.ray.init.include_dashboard=false",
+                 "optimizer.lr=0.01,0.001", "trainer.num_threads=null",
                  process=True)  # Ray's driver state outlives the command: not in the test's process
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = assert_grouped(store["uri"], 2)
