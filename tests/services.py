@@ -61,15 +61,16 @@ def wait_until(ready: Callable[[], bool], process: subprocess.Popen, what: str, 
         time.sleep(0.3)
 
 
-def stop(process: subprocess.Popen, timeout: float = 5) -> None:
-    """SIGTERM the process group of ``process`` (started with start_new_session), SIGKILL it if it lingers."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+def stop(process: subprocess.Popen, grace: float = 5) -> None:
+    """SIGTERM the process group of ``process`` (started with start_new_session), SIGKILL it if it lingers ``grace`` seconds
+    (0: SIGKILL at once)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL) if grace > 0 else (signal.SIGKILL,):
         try:
             os.killpg(process.pid, sig)
         except ProcessLookupError:
             return
         try:
-            process.wait(timeout=timeout)
+            process.wait(timeout=grace if sig == signal.SIGTERM else 5)
             return
         except subprocess.TimeoutExpired:
             continue
@@ -248,7 +249,7 @@ class RayCluster:
 
     def stop(self) -> None:
         for node in reversed(self.nodes):
-            stop(node)  # a node drains for up to 30 s on SIGTERM; nothing here needs draining
+            stop(node, grace=0)  # a node drains for seconds on SIGTERM; nothing here needs draining
         for folder in self.folders:
             shutil.rmtree(folder, ignore_errors=True)
 
