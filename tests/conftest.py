@@ -135,7 +135,7 @@ def cli(store: dict[str, str], data_cache: Path, tmp_path: Path) -> Callable[...
 
     def _run(*args: str, tiny: bool = True, timeout: float = 600, env: dict[str, str] | None = None,
              process: bool = False) -> subprocess.CompletedProcess:
-        env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"], "CRACK_RUNNER_DATA": str(data_cache), **(env or {})}
+        env = {**services.runner_env(store["uri"], data_cache), **(env or {})}
         flags = [a for a in args if a.startswith("-")]  # Hydra wants -m and --help before the overrides
         overrides = [a for a in args if not a.startswith("-")]
         argv = [*flags, *(TINY if tiny else []), f"tracking.artifact_root={store['artifacts']}", *overrides]

@@ -50,6 +50,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def runner_env(tracking_uri: str, data: Path | str | None = None) -> dict[str, str]:
+    """This environment for a command of the runner, with its MLflow store (and the data cache of CRACK_RUNNER_DATA) set."""
+    return {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, **({"CRACK_RUNNER_DATA": str(data)} if data is not None else {})}
+
+
 def wait_until(ready: Callable[[], bool], process: subprocess.Popen, what: str, log: Path, timeout: float) -> None:
     """Poll ``ready`` until it holds; fail with the log's tail if ``process`` exits or time runs out."""
     deadline = time.monotonic() + timeout

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import sqlite3
 import subprocess
@@ -14,6 +13,7 @@ from types import SimpleNamespace
 import mlflow
 import pytest
 
+import services
 from conftest import TINY
 
 pytestmark = pytest.mark.slow
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 def start(store: dict, data_cache: Path, cwd: Path, *args: str) -> subprocess.Popen:
     """``python -m runner`` in the background against the tmp store (flags such as -m first)."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"], "CRACK_RUNNER_DATA": str(data_cache)}
+    env = services.runner_env(store["uri"], data_cache)
     flags = [a for a in args if a.startswith("-")]
     rest = [a for a in args if not a.startswith("-")]
     cmd = [sys.executable, "-m", "runner", *flags, *TINY, f"tracking.artifact_root={store['artifacts']}", *rest]

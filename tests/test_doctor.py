@@ -45,7 +45,7 @@ def copy_with(folder: Path, name: str, file: str, body: dict) -> Path:
 @pytest.mark.slow
 def test_doctor_reports_then_closes_a_killed_run_and_removes_only_unused_leftovers(store, tmp_path):
     cache = tmp_path / "cache"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"]}
+    env = services.runner_env(store["uri"])
     cmd = [sys.executable, "-m", "runner", *TINY, "trainer.epochs=200", f"dataset.cache_dir={cache}", f"tracking.artifact_root={store['artifacts']}"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300

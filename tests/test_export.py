@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import mlflow
@@ -51,7 +50,7 @@ def test_a_linear_run_ends_with_onnx_files_that_match_it_and_predict_runs_them(m
     folder = tmp_path / "one"
     folder.mkdir()
     Image.fromarray(data.test.images[0].astype(np.uint8)).save(folder / "a.png")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"]}
+    env = services.runner_env(store["uri"])
     done = services.run_in_process([found.info.run_id, str(folder), "--runtime", "onnx", "--json"], tmp_path, env, "runner.predict")
     assert done.returncode == 0 and "predicting with the onnx runtime" in done.stderr, done.stderr[-2000:]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -11,13 +10,13 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY
-from services import disk_bytes
+from services import disk_bytes, runner_env
 
 
 def run_hiding(module: str, args: list[str], store: dict, data_cache: Path, cwd: Path) -> subprocess.CompletedProcess:
     """``python -m runner args`` in a process where ``module`` cannot be imported, as if its extra were not installed."""
     code = f"import runpy, sys; sys.modules[{module!r}] = None; runpy.run_module('runner', run_name='__main__', alter_sys=True)"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"], "CRACK_RUNNER_DATA": str(data_cache)}
+    env = runner_env(store["uri"], data_cache)
     return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 

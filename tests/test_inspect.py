@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -160,7 +159,7 @@ def test_a_photo_cut_short_fails_while_streaming_and_is_named(tmp_path):
 def trained(tmp_path_factory) -> dict[str, str]:
     """One short linear run at 32 px, shared by the command-line tests below: its store and run id."""
     folder = tmp_path_factory.mktemp("inspect-run")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}", "CRACK_RUNNER_DATA": str(folder / "data")}
+    env = services.runner_env(f"sqlite:///{folder / 'mlflow.db'}", folder / "data")
     args = ["dataset.samples_per_class=40", "dataset.source_size=64", "dataset.image_size=32", "trainer.epochs=3",
             "trainer.progress=false", f"tracking.artifact_root={folder / 'mlruns'}"]
     done = services.run_in_process(args, folder, env)
@@ -171,7 +170,7 @@ def trained(tmp_path_factory) -> dict[str, str]:
 
 
 def inspect_cli(trained: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return services.run_in_process(list(args), cwd, {**os.environ, "MLFLOW_TRACKING_URI": trained["uri"]}, "runner.inspect")
+    return services.run_in_process(list(args), cwd, services.runner_env(trained["uri"]), "runner.inspect")
 
 
 def test_inspect_maps_photos_writes_overlay_table_and_summary_and_skips_bad_ones(trained, tmp_path):
@@ -220,7 +219,7 @@ def test_inspect_log_records_a_run_and_a_kill_leaves_it_killed(trained, tmp_path
 
     for n in range(10):  # enough photos that a SIGTERM sent when the first is done finds it mid-way (it once came after the last of six)
         photos.write_photo(tmp_path / "many" / f"{n}.jpg", *render_photo(10 + n, 1200, 900, cracks=1))
-    env = {**os.environ, "MLFLOW_TRACKING_URI": trained["uri"]}
+    env = services.runner_env(trained["uri"])
     proc = subprocess.Popen([sys.executable, "-m", "runner.inspect", trained["run_id"], str(tmp_path / "many"), "--out", str(tmp_path / "o"), "--log",
                              "--batch-size", "4"],  # small batches: seconds a photo, so the signal lands mid-way
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

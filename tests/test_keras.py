@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -23,7 +22,7 @@ from runner.config.schema import to_run_config
 from runner.deploy import onnx_export
 from runner.errors import TrainingError
 from runner.train.epochs import Epochs
-from services import disk_bytes, run_in_process
+from services import disk_bytes, run_in_process, runner_env
 
 SHAPE = (32, 32, 3)
 RESNET50_LAYERS = 175
@@ -220,7 +219,7 @@ def test_a_vgg16_run_repeats_on_mapped_pixels_and_its_logged_model_predicts_in_a
     np.save(tmp_path / "images.npy", test.images.astype(np.float32))
     subprocess.run(
         [sys.executable, "-c", LOAD_AND_PREDICT, f"runs:/{found.info.run_id}/model", "images.npy", "probs.npy"],
-        cwd=tmp_path, env={**os.environ, "MLFLOW_TRACKING_URI": store["uri"]}, check=True, timeout=300,
+        cwd=tmp_path, env=runner_env(store["uri"]), check=True, timeout=300,
     )
     probs = np.load(tmp_path / "probs.npy")
     assert probs.shape == (len(test), 2)
@@ -228,7 +227,7 @@ def test_a_vgg16_run_repeats_on_mapped_pixels_and_its_logged_model_predicts_in_a
     assert (probs.argmax(1) == test.labels).mean() == pytest.approx(found.data.metrics["test_accuracy"])
 
     # runner.export makes its ONNX file through Keras' own export, kept because it matches the native model.
-    done = run_in_process([found.info.run_id], tmp_path, {**os.environ, "MLFLOW_TRACKING_URI": store["uri"]}, "runner.export")
+    done = run_in_process([found.info.run_id], tmp_path, runner_env(store["uri"]), "runner.export")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "onnx kept: matches the native model" in done.stdout
     assert artifacts(client, found.info.run_id) == {"onnx/float32"}

@@ -26,7 +26,7 @@ from runner.config.schema import to_run_config
 from runner.deploy import runtime
 from runner.track import lineage
 from runner.track.store import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, experiment_id, open_store
-from services import free_port
+from services import free_port, runner_env
 
 SPLITS = {"train": "train", "val": "validation", "test": "test"}  # split -> MLflow context
 SYSTEM = ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes", "system/disk_usage_percentage")
@@ -104,7 +104,7 @@ def serve(model_uri: str, tracking_uri: str, cwd: Path, timeout: float = 180) ->
     port = free_port()
     log = open(cwd / "serve.log", "w")
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "-p", str(port), "--env-manager", "local"]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env = {**runner_env(tracking_uri), "MLFLOW_DISABLE_TELEMETRY": "true"}
     server = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))

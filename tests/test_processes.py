@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import services
 from crack_runner.datasets import concrete_cracks, stopping
 from crack_runner.datasets.folder import decode_into
 from runner import __main__ as entry
@@ -90,7 +91,7 @@ class Runner:
         self.data.mkdir()
         self.uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
         self.stderr = tmp_path / "stderr.txt"
-        env = {**os.environ, "MLFLOW_TRACKING_URI": self.uri, "CRACK_RUNNER_DATA": str(self.data)}
+        env = services.runner_env(self.uri, self.data)
         command = [sys.executable, "-m", "runner", "trainer.progress=false", f"tracking.artifact_root={tmp_path / 'mlruns'}", *overrides]
         with open(tmp_path / "stdout.txt", "w") as out, open(self.stderr, "w") as err:
             self.proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out, stderr=err, start_new_session=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import mlflow
 import pytest
 import torch
 
+import services
 from conftest import TINY
 from runner.app import run
 from runner.errors import ConfigError
@@ -84,7 +84,7 @@ def _cmd(store: dict, extra: list[str]) -> list[str]:
 
 @pytest.mark.parametrize("sig", [signal.SIGINT], ids=["SIGINT"])  # SIGTERM: the Keras resume test (the same handler)
 def test_interrupted_run_is_killed_and_resumes_to_the_same_result(sig, store, data_cache, tmp_path, make_cfg, cli):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"], "CRACK_RUNNER_DATA": str(data_cache)}
+    env = services.runner_env(store["uri"], data_cache)
     result = start_and_interrupt(env, _cmd(store, LONG), tmp_path, checkpoint_logged(Path(store["artifacts"])), sig)
     assert result.returncode == 130, result.stderr[-3000:]
     (killed,) = runs_of(store["uri"])
@@ -244,7 +244,7 @@ def test_sweep_interrupted_in_its_second_job_resumes_each_job_once_under_the_sam
         def second_job_checkpoint() -> bool:  # the first job's were deleted when it FINISHED: a checkpoint now is the second's
             return len(list(artifacts.glob("*/artifacts/history.json"))) >= 2 and checkpoint_logged(artifacts)()
 
-        env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"], "CRACK_RUNNER_DATA": str(data_cache)}
+        env = services.runner_env(store["uri"], data_cache)
         cmd = [sys.executable, "-m", "runner", "-m", *TINY, f"tracking.artifact_root={store['artifacts']}", *sweep, *long]
         result = start_and_interrupt(env, cmd, tmp_path, second_job_checkpoint, signal.SIGTERM)
     else:

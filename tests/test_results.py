@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -42,7 +41,7 @@ def artifact(run_id: str, path: str) -> Path:
 
 def predict_cli(store: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess:
     """``python -m runner.predict`` (in this interpreter), against the test's store."""
-    return services.run_in_process(list(args), cwd, {**os.environ, "MLFLOW_TRACKING_URI": store["uri"]}, "runner.predict")
+    return services.run_in_process(list(args), cwd, services.runner_env(store["uri"]), "runner.predict")
 
 
 def test_a_run_logs_readable_plots_and_json(finished_run):

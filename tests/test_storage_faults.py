@@ -14,6 +14,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
+import services
+
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs or a read-only folder needs root"),
@@ -83,7 +85,7 @@ def test_full_checkpoint_disk_ends_the_run_failed_and_leaves_no_partial_file(mou
 def test_store_that_fills_mid_run_is_closed_by_the_next_run(mount, cli, store, data_cache, tmp_path):
     folder = mount("store", size="3m")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "CRACK_RUNNER_DATA": str(data_cache)}
+    env = services.runner_env(uri, data_cache)
     import sys
 
     from test_concurrency import TINY  # the same tiny data as the other tests
