@@ -78,8 +78,9 @@ def signal_at(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
     return lambda step, sig, nth=1: targets.append([step, sig, nth])
 
 
-def _cmd(store: dict, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "runner", *TINY, f"tracking.artifact_root={store['artifacts']}", *extra]
+def _cmd(store: dict, extra: list[str], flags: tuple[str, ...] = ()) -> list[str]:
+    """``python -m runner`` on TINY and the store's artifact folder, ``flags`` (e.g. -m) first as Hydra wants them."""
+    return [sys.executable, "-m", "runner", *flags, *TINY, f"tracking.artifact_root={store['artifacts']}", *extra]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT], ids=["SIGINT"])  # SIGTERM: the Keras resume test (the same handler)
@@ -245,8 +246,7 @@ def test_sweep_interrupted_in_its_second_job_resumes_each_job_once_under_the_sam
             return len(list(artifacts.glob("*/artifacts/history.json"))) >= 2 and checkpoint_logged(artifacts)()
 
         env = services.runner_env(store["uri"], data_cache)
-        cmd = [sys.executable, "-m", "runner", "-m", *TINY, f"tracking.artifact_root={store['artifacts']}", *sweep, *long]
-        result = start_and_interrupt(env, cmd, tmp_path, second_job_checkpoint, signal.SIGTERM)
+        result = start_and_interrupt(env, _cmd(store, [*sweep, *long], flags=("-m",)), tmp_path, second_job_checkpoint, signal.SIGTERM)
     else:
         signal_at(1, signal.SIGTERM, nth=2)  # the second job's first epoch
         result = cli("-m", *sweep, *long)
