@@ -40,6 +40,14 @@ TINY = [
 ]
 
 
+def runner_command(artifacts: str, *args: str, tiny: bool = True) -> list[str]:
+    """``python -m runner`` with ``args`` (flags such as -m first, as Hydra wants them), on TINY's data unless
+    ``tiny`` is false, its artifacts under ``artifacts``."""
+    flags = [a for a in args if a.startswith("-")]
+    overrides = [a for a in args if not a.startswith("-")]
+    return [sys.executable, "-m", "runner", *flags, *(TINY if tiny else []), f"tracking.artifact_root={artifacts}", *overrides]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def temp_under_pytest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Temporary files of the tests' own process under pytest's folder, which pytest prunes.
@@ -136,12 +144,9 @@ def cli(store: dict[str, str], data_cache: Path, tmp_path: Path) -> Callable[...
     def _run(*args: str, tiny: bool = True, timeout: float = 600, env: dict[str, str] | None = None,
              process: bool = False) -> subprocess.CompletedProcess:
         env = {**services.runner_env(store["uri"], data_cache), **(env or {})}
-        flags = [a for a in args if a.startswith("-")]  # Hydra wants -m and --help before the overrides
-        overrides = [a for a in args if not a.startswith("-")]
-        argv = [*flags, *(TINY if tiny else []), f"tracking.artifact_root={store['artifacts']}", *overrides]
+        cmd = runner_command(store["artifacts"], *args, tiny=tiny)
         if not process:
-            return services.run_in_process(argv, tmp_path, env)
-        cmd = [sys.executable, "-m", "runner", *argv]
+            return services.run_in_process(cmd[3:], tmp_path, env)  # its arguments, after python -m runner
         return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
 
     return _run

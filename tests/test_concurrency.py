@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,7 +13,7 @@ import mlflow
 import pytest
 
 import services
-from conftest import TINY
+from conftest import runner_command
 
 pytestmark = pytest.mark.slow
 
@@ -22,10 +21,8 @@ pytestmark = pytest.mark.slow
 def start(store: dict, data_cache: Path, cwd: Path, *args: str) -> subprocess.Popen:
     """``python -m runner`` in the background against the tmp store (flags such as -m first)."""
     env = services.runner_env(store["uri"], data_cache)
-    flags = [a for a in args if a.startswith("-")]
-    rest = [a for a in args if not a.startswith("-")]
-    cmd = [sys.executable, "-m", "runner", *flags, *TINY, f"tracking.artifact_root={store['artifacts']}", *rest]
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(runner_command(store["artifacts"], *args), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
 
 
 def finish(procs: list[subprocess.Popen]) -> list[str]:

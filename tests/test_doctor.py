@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import services
-from conftest import TINY
+from conftest import TINY, runner_command
 from crack_runner.datasets import integrity
 from crack_runner.datasets.decoded import MARKER, SOURCES
 from runner import doctor
@@ -46,7 +46,7 @@ def copy_with(folder: Path, name: str, file: str, body: dict) -> Path:
 def test_doctor_reports_then_closes_a_killed_run_and_removes_only_unused_leftovers(store, tmp_path):
     cache = tmp_path / "cache"
     env = services.runner_env(store["uri"])
-    cmd = [sys.executable, "-m", "runner", *TINY, "trainer.epochs=200", f"dataset.cache_dir={cache}", f"tracking.artifact_root={store['artifacts']}"]
+    cmd = runner_command(store["artifacts"], "trainer.epochs=200", f"dataset.cache_dir={cache}")
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not any(Path(store["artifacts"]).glob("*/artifacts/checkpoints/last.pt")):

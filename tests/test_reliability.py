@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import services
-from conftest import TINY
+from conftest import runner_command
 from runner.app import run
 from runner.errors import ConfigError
 from runner.track.files import atomic_path
@@ -78,15 +78,10 @@ def signal_at(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
     return lambda step, sig, nth=1: targets.append([step, sig, nth])
 
 
-def _cmd(store: dict, extra: list[str], flags: tuple[str, ...] = ()) -> list[str]:
-    """``python -m runner`` on TINY and the store's artifact folder, ``flags`` (e.g. -m) first as Hydra wants them."""
-    return [sys.executable, "-m", "runner", *flags, *TINY, f"tracking.artifact_root={store['artifacts']}", *extra]
-
-
 @pytest.mark.parametrize("sig", [signal.SIGINT], ids=["SIGINT"])  # SIGTERM: the Keras resume test (the same handler)
 def test_interrupted_run_is_killed_and_resumes_to_the_same_result(sig, store, data_cache, tmp_path, make_cfg, cli):
     env = services.runner_env(store["uri"], data_cache)
-    result = start_and_interrupt(env, _cmd(store, LONG), tmp_path, checkpoint_logged(Path(store["artifacts"])), sig)
+    result = start_and_interrupt(env, runner_command(store["artifacts"], *LONG), tmp_path, checkpoint_logged(Path(store["artifacts"])), sig)
     assert result.returncode == 130, result.stderr[-3000:]
     (killed,) = runs_of(store["uri"])
     assert killed.info.status == "KILLED"
@@ -246,7 +241,8 @@ def test_sweep_interrupted_in_its_second_job_resumes_each_job_once_under_the_sam
             return len(list(artifacts.glob("*/artifacts/history.json"))) >= 2 and checkpoint_logged(artifacts)()
 
         env = services.runner_env(store["uri"], data_cache)
-        result = start_and_interrupt(env, _cmd(store, [*sweep, *long], flags=("-m",)), tmp_path, second_job_checkpoint, signal.SIGTERM)
+        cmd = runner_command(store["artifacts"], "-m", *sweep, *long)
+        result = start_and_interrupt(env, cmd, tmp_path, second_job_checkpoint, signal.SIGTERM)
     else:
         signal_at(1, signal.SIGTERM, nth=2)  # the second job's first epoch
         result = cli("-m", *sweep, *long)

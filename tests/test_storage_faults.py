@@ -15,6 +15,7 @@ import mlflow
 import pytest
 
 import services
+from conftest import runner_command
 
 pytestmark = [
     pytest.mark.slow,
@@ -86,11 +87,7 @@ def test_store_that_fills_mid_run_is_closed_by_the_next_run(mount, cli, store, d
     folder = mount("store", size="3m")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     env = services.runner_env(uri, data_cache)
-    import sys
-
-    from test_concurrency import TINY  # the same tiny data as the other tests
-
-    cmd = [sys.executable, "-m", "runner", *TINY, "trainer.epochs=300", f"tracking.artifact_root={store['artifacts']}"]
+    cmd = runner_command(store["artifacts"], "trainer.epochs=300")
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not any(Path(store["artifacts"]).glob("*/artifacts/checkpoints/last.pt")):
