@@ -69,16 +69,17 @@ def wait_until(ready: Callable[[], bool], process: subprocess.Popen, what: str, 
 def stop(process: subprocess.Popen, grace: float = 5) -> None:
     """SIGTERM the process group of ``process`` (started with start_new_session), SIGKILL it if it lingers ``grace`` seconds
     (0: SIGKILL at once)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL) if grace > 0 else (signal.SIGKILL,):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=grace if sig == signal.SIGTERM else 5)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    try:
+        if grace > 0:
+            os.killpg(process.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=grace)
+                return
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:  # the group has ended
+        return
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=5)
 
 
 def answers(url: str) -> bool:
