@@ -129,8 +129,16 @@ def test_fine_tune_lr_trains_the_head_then_the_unfrozen_layers_in_one_run(make_c
         epochs.append((step, phase))
         return end_epoch(self, step, metrics, save, phase, lr_key)
 
+    traces: list[str] = []
+    train_step = keras.Model.train_step
+
+    def spy_trace(model, data):
+        traces.append(model.name)  # Python runs this only while tf.function traces the step
+        return train_step(model, data)
+
     monkeypatch.setattr(keras.Model, "fit", spy_fit)
     monkeypatch.setattr(Epochs, "end", spy_end)
+    monkeypatch.setattr(keras.Model, "train_step", spy_trace)
     run(make_cfg("model=vgg16", "model.weights=null", "freeze_depth=15", "optimizer.lr=0.01",
                  "fine_tune_lr=0.001", "trainer.epochs=1", "trainer.fine_tune_epochs=1"))
 
@@ -138,6 +146,7 @@ def test_fine_tune_lr_trains_the_head_then_the_unfrozen_layers_in_one_run(make_c
     assert (head_lr, head_start) == pytest.approx((0.01, 0)) and (tune_lr, tune_start) == pytest.approx((0.001, 1))
     assert head_weights == 4 and tune_weights == 4 + 6  # hidden and softmax Dense; then block5's 3 convolutions too
     assert epochs == [(1, "head"), (2, "fine_tune")]
+    assert traces == ["trainable_part"] * 2  # once per phase: what the first step would make was made before it (keras_fit)
     found = only_run(client)
     assert found.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(found.info.run_id, "val_accuracy")] == [1, 2]

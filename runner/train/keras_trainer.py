@@ -53,6 +53,7 @@ from runner.train.frozen import FrozenShortcut  # noqa: E402
 from runner.train.frozen.cut import CutModel  # noqa: E402
 from runner.train.frozen.store import FeatureStore  # noqa: E402
 from runner.train.frozen.tfdata import batch_rows, batch_seeds, batches  # noqa: E402
+from runner.train.keras_fit import fit as fit_traced_once  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -324,7 +325,7 @@ def fit(run: RunConfig, data: DataSplits, tracker: Tracker, epochs: Epochs, resu
             shortcut.fit(span, **fit_args)  # the trainable rest on the frozen layers' stored output: the same epochs, faster
         else:
             train, val = image_batches(run, data, span)
-            model.fit(train, validation_data=val, **fit_args)  # the plain path: every layer, every epoch
+            fit_traced_once(model, train, validation_data=val, **fit_args)  # the plain path: every layer, every epoch
     # The best epoch's classifier, read as a resume reads it (Keras' model.load_weights reads a .keras
     # archive's weights through zipfile seeks, several times slower); the trainable rest on stored output shares its layers.
     epochs.finish(lambda path: read_checkpoint(path).restore(model, optimizer=False))

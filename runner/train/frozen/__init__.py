@@ -28,6 +28,7 @@ from crack_runner.models.keras_backbones import POOL, freeze
 from runner.train.frozen.cut import CutModel, cut_after_frozen, tail_after
 from runner.train.frozen.store import FeatureStore
 from runner.train.frozen.tfdata import batch_rows, batches
+from runner.train.keras_fit import fit as fit_traced_once
 
 
 class FrozenShortcut:
@@ -94,7 +95,8 @@ class FrozenShortcut:
         train_rows = batch_rows(len(self.data.train), self.batch_size, self.seed, span)
         val_rows = batch_rows(len(self.data.val), self.batch_size)
         train, val = self.features
-        rest.fit(batches(train, self.data.train.labels, train_rows), validation_data=batches(val, self.data.val.labels, val_rows), **fit_args)
+        train_batches, val_batches = batches(train, self.data.train.labels, train_rows), batches(val, self.data.val.labels, val_rows)
+        fit_traced_once(rest, train_batches, validation_data=val_batches, **fit_args)
 
     def predict_proba(self, images: np.ndarray) -> np.ndarray | None:
         """The trained classifier's probabilities by way of the last phase's stored output (computed once, kept); None without one."""
