@@ -13,7 +13,7 @@ from crack_runner.datasets import stopping
 from runner import doctor
 from runner.app import run
 from runner.errors import ConfigError
-from runner.track.lease import HEARTBEAT_TAG, LEASE_S_TAG, LEASE_TAG, Lease, liveness, resume_command
+from runner.track.lease import HEARTBEAT_TAG, LEASE_S_TAG, LEASE_TAG, Lease, close_dead_runs, liveness, resume_command
 
 
 def planted_run(client: mlflow.MlflowClient, host: str, seen_ago: float, **tags: str) -> mlflow.entities.Run:
@@ -67,8 +67,28 @@ def test_a_process_whose_run_was_taken_over_stops_and_writes_nothing_more(store,
             time.sleep(0.05)
         assert lease.lost is not None and "taken over" in lease.lost and stopping.requested() == "lease lost"
     finally:
-        lease.release()
+        lease.release(lambda: pytest.fail("a lease taken over does not write the run's end"))
         monkeypatch.setattr(stopping, "_requested", None)
+
+
+def test_a_run_that_is_ending_is_never_closed_by_another_process_looking_for_dead_runs(cli, store, monkeypatch):
+    """Another process opening the store closes the runs whose owner is gone. Looking just before a job's or
+    the sweep's end status is written, it finds them all alive: the lease is given back only after that write
+    (a joblib job once marked KILLED a run that the other worker had just FINISHED)."""
+    closed: list[str] = []
+    set_terminated = mlflow.MlflowClient.set_terminated
+
+    def look_then_end(self, run_id, status=None, end_time=None):
+        if status == "FINISHED":
+            closed.extend(close_dead_runs(store["uri"], self.get_run(run_id).info.experiment_id))
+        return set_terminated(self, run_id, status, end_time)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_terminated", look_then_end)
+    result = cli("-m", "optimizer.lr=0.1,0.01", "trainer.epochs=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert closed == [] and "marked KILLED" not in result.stderr
+    runs = mlflow.MlflowClient(store["uri"]).search_runs([mlflow.MlflowClient(store["uri"]).get_experiment_by_name("crack-classification").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FINISHED"] * 3  # the parent and its two jobs
 
 
 def test_the_printed_resume_command_reproduces_the_overrides_and_runs_nothing_else(client):

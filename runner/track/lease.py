@@ -7,8 +7,8 @@ instead:
 
 - a **heartbeat**: the ``runner.heartbeat`` tag, rewritten every quarter of the lease
   (``runner.lease_s`` seconds, ``$CRACK_RUNNER_LEASE_S`` or 60) by a thread of the process
-  that owns the run, and set to ``ended`` when that process lets go of the run; a run whose
-  heartbeat is older than its lease is dead, on any host;
+  that owns the run, and set to ``ended`` when that process lets go of the run, once its end
+  status is written; a run whose heartbeat is older than its lease is dead, on any host;
 - a **folder lock**: an OS lock (``flock``) on ``.lease-<run id>.lock`` in the run's output
   folder, held as long as the process lives; wherever that folder can be seen (the same
   machine, or a shared disk), a held lock means alive and a free one means dead, at once.
@@ -28,6 +28,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,26 +109,32 @@ class Lease:
                     log.warning("heartbeat of run %s not written (%s: %s); retrying", self.run_id, type(err).__name__, str(err)[:200])
                     warned = True
 
-    def release(self) -> None:
-        """Stop beating, say so in the record (unless another process owns it now) and free the folder lock.
+    def release(self, end: Callable[[], None]) -> None:
+        """Stop beating, then ``end()`` (write the run's end status) unless another process owns the record now, then give the lease back.
 
-        The run's end status is written by its owner, next.
+        In that order: a run still RUNNING keeps a live lease until its status is written, so
+        another process looking for dead runs (:func:`close_dead_runs`) in between never marks a
+        run that just FINISHED as KILLED over it.
         """
         self._stop.set()
-        given_back = False
         if self._thread is not None:
             self._thread.join(timeout=30)
+        given_back = False
+        try:
             if self.lost is None:
-                try:
-                    mlflow.MlflowClient(self.uri).set_tag(self.run_id, HEARTBEAT_TAG, ENDED)
-                    given_back = True
-                except Exception as err:  # noqa: BLE001 - a full store: the free folder lock (kept) or the lease's expiry tells
-                    log.warning("run %s: its lease could not be given back (%s); it expires in %g s", self.run_id, err, self.seconds)
-        if self._fd is not None:
-            if given_back:
-                lock_path(self.folder, self.run_id).unlink(missing_ok=True)  # while held: nobody takes a lock being removed
-            os.close(self._fd)
-            self._fd = None
+                end()
+                if self._thread is not None:
+                    try:
+                        mlflow.MlflowClient(self.uri).set_tag(self.run_id, HEARTBEAT_TAG, ENDED)
+                        given_back = True
+                    except Exception as err:  # noqa: BLE001 - a full store: the free folder lock (kept) or the lease's expiry tells
+                        log.warning("run %s: its lease could not be given back (%s); it expires in %g s", self.run_id, err, self.seconds)
+        finally:
+            if self._fd is not None:
+                if given_back:
+                    lock_path(self.folder, self.run_id).unlink(missing_ok=True)  # while held: nobody takes a lock being removed
+                os.close(self._fd)
+                self._fd = None
 
 
 @dataclass(frozen=True)

@@ -168,9 +168,7 @@ def close_parent(run_id: str, status: str) -> None:
     opened = _open_parents.pop(run_id, None)
     if opened is not None:
         uri, lease = opened
-        lease.release()
-        if lease.lost is None:  # else another process owns the record now
-            mlflow.MlflowClient(uri).set_terminated(run_id, status)
+        lease.release(lambda: mlflow.MlflowClient(uri).set_terminated(run_id, status))  # not if another process owns the record now
 
 
 def close_open_parents(status: str) -> list[str]:

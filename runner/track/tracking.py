@@ -8,6 +8,7 @@ places and can be compared side by side in the MLflow UI.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -331,14 +332,12 @@ def start_run(cfg: DictConfig, spec: RunSpec) -> Iterator[Tracker]:
         raise
     finally:
         system_metrics.stop(monitor)
-        lease.release()
-        if lease.lost is None:
-            _end_run(tracker.run_id, status)
-            if status == RunStatus.to_string(RunStatus.FINISHED):
-                for step in tracker.when_finished:
-                    step()
-        else:
+        lease.release(functools.partial(_end_run, tracker.run_id, status))
+        if lease.lost is not None:
             _leave_run(tracker.run_id, lease.lost)
+        elif status == RunStatus.to_string(RunStatus.FINISHED):
+            for step in tracker.when_finished:
+                step()
 
 
 def _leave_run(run_id: str, why: str) -> None:
