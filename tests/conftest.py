@@ -61,6 +61,12 @@ def temp_under_pytest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None
     tempfile.tempdir = saved
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The long tests first, then the slow ones, each module's in its order: pytest-xdist gives each worker a run of this
+    list and the idle one takes tests from the other's end, so a minute-long test collected last would run alone while a core waits."""
+    items.sort(key=lambda item: (item.get_closest_marker("long") is None, item.get_closest_marker("slow") is None))
+
+
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One data cache for the session, so the synthetic set is generated once."""

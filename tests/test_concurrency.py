@@ -40,6 +40,7 @@ def all_runs(uri: str) -> list:
     return client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
+@pytest.mark.long
 def test_runs_started_together_on_a_new_store_and_one_folder_are_all_recorded_apart(store, data_cache, tmp_path, cli):
     assert cli("trainer.epochs=1").returncode == 0  # the data cache exists: the three start training together
     Path(store["uri"].removeprefix("sqlite:///")).unlink()
@@ -59,6 +60,7 @@ def test_runs_started_together_on_a_new_store_and_one_folder_are_all_recorded_ap
     assert not [t for t in tables if t.startswith("_alembic_tmp")]
 
 
+@pytest.mark.long
 def test_sweeps_started_in_the_same_second_never_share_a_parent(store, data_cache, tmp_path):
     same_folder = f"hydra.sweep.dir={tmp_path / 'multirun' / 'same'}"
     finish([start(store, data_cache, tmp_path, "-m", same_folder, "optimizer.lr=0.1,0.01") for _ in range(2)])

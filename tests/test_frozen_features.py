@@ -67,6 +67,7 @@ def train(make_cfg, folder: Path, cache: bool, *overrides: str, model: str = "re
     return trained.predict_proba(data.test.images), tracker, trained.model
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_training_on_cached_frozen_features_equals_training_through_the_frozen_layers(make_cfg, tmp_path, monkeypatch):
     # Phase 1 (2 epochs): the head on the whole frozen base, cached as pooled vectors. Phase 2:
@@ -253,6 +254,7 @@ def test_the_split_is_the_model_cut_at_the_last_clean_boundary_of_its_frozen_par
     np.testing.assert_allclose(features.numpy(), expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_bf16_mixed_precision_trains_on_its_own_stored_features_as_through_the_layers(make_cfg, tmp_path):
     # bfloat16 compute: other frozen outputs, so an entry of their own, within bfloat16 rounding

@@ -158,6 +158,7 @@ def test_fine_tune_lr_trains_the_head_then_the_unfrozen_layers_in_one_run(make_c
     assert trainable[0] < trainable[1] and trainable[0] + frozen[0] == trainable[1] + frozen[1]
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_command_line_resnet50_run_in_a_pipe_is_quiet_tracked_like_linear_and_never_imports_torch(cli, client, store, tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")  # the run lists every module it imports on stderr
@@ -213,6 +214,7 @@ LOAD_AND_PREDICT = textwrap.dedent(
 )
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_a_vgg16_run_repeats_on_mapped_pixels_and_its_logged_model_predicts_in_a_fresh_process_and_exports(make_cfg, client, store, tmp_path):
     """One tiny VGG16 run (a Keras run takes seconds to build and trace) checked three ways."""

@@ -63,6 +63,7 @@ def run_module(server: services.AuthServer, cwd: Path, *args: str, password: str
                           env={**os.environ, **server.credentials(password)}, capture_output=True, text=True)
 
 
+@pytest.mark.long  # beside the cluster test: one server for both (a module fixture)
 def test_server_refuses_clients_without_valid_credentials(cli, server, tmp_path):
     for env, who in (({}, "without credentials"), (server.credentials("wrong"), "'runner'")):
         for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
@@ -78,6 +79,7 @@ def test_server_refuses_clients_without_valid_credentials(cli, server, tmp_path)
     assert not [line for line in command_lines() if any(secret in line for secret in secrets)]
 
 
+@pytest.mark.long
 def test_pruned_search_with_free_running_workers_on_a_two_node_ray_cluster(cli, server, as_runner, tmp_path, caplog, monkeypatch):
     """An Optuna search whose study is on the PostgreSQL server, two workers: each trial on a node of its own (one CPU each),
     its data cached on that node, its run and model on the server; compared and used for predictions by run id through the server."""

@@ -184,6 +184,7 @@ def test_a_resumed_study_runs_only_the_trials_left_and_fails_those_a_killed_swee
     assert len(launcher.spans) == 3
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_a_pruned_sweep_records_pruned_trials_honestly_and_resumes_without_rerunning_them(cli, store, tmp_path):
     result = cli(*LINEAR_SWEEP, "hydra.sweeper.n_trials=4")

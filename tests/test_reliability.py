@@ -140,6 +140,7 @@ def assert_same_run_as_uninterrupted(uri: str, run_id: str, reference_uri: str) 
         assert sorted(history) == sorted(expected) and [s for s, _ in sorted(history)] == [1, 2, 3, 4], key
 
 
+@pytest.mark.long
 def test_keras_run_interrupted_in_each_phase_resumes_to_the_uninterrupted_metrics(store, tmp_path, make_cfg, cli, signal_at):
     """On the stored frozen features (the default): SIGTERM in the head phase, resumed; SIGINT in the fine-tune phase, resumed again."""
     signal_at(1, signal.SIGTERM)
@@ -158,6 +159,7 @@ def test_keras_run_interrupted_in_each_phase_resumes_to_the_uninterrupted_metric
 VGG = ["model=vgg16", "model.weights=null", "freeze_depth=15", "fine_tune_lr=0.001", "trainer.epochs=2", "trainer.fine_tune_epochs=2"]
 
 
+@pytest.mark.long
 def test_keras_run_through_the_frozen_layers_resumes_in_the_fine_tune_phase(store, tmp_path, make_cfg, cli, signal_at):
     """Without stored features (every epoch through the frozen layers), VGG16 for its short build: SIGTERM in the fine-tune phase."""
     through = [*VGG, "trainer.cache_frozen_features=false"]
@@ -229,7 +231,7 @@ SWEEPS = {  # three jobs, the first resumed by another launcher than the one tha
 }
 
 
-@pytest.mark.parametrize("kind", list(SWEEPS))
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=pytest.mark.long) if k == "joblib" else k for k in SWEEPS])  # joblib: processes
 def test_sweep_interrupted_in_its_second_job_resumes_each_job_once_under_the_same_parent(kind, store, data_cache, tmp_path, cli, signal_at):
     """The joblib sweep is signalled from outside, as a terminal would (its jobs run in worker processes); the others in this process."""
     sweep, resume_with = SWEEPS[kind]

@@ -81,6 +81,7 @@ def test_multirun_of_three_learning_rates_is_one_group_and_compares(cli, store, 
     assert lines[0].startswith("run_id,status,optimizer.lr,test_f1,") and len(lines) == 4
 
 
+@pytest.mark.long
 def test_joblib_runs_four_jobs_two_at_a_time_without_losing_any(cli, store):
     result = cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "optimizer.lr=0.1,0.01,0.001,0.0001", "trainer.num_threads=null")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -98,6 +99,7 @@ def test_parallel_jobs_share_the_cores(monkeypatch, cores, n_jobs, threads):
     assert _threads_per_job(OmegaConf.create({"n_jobs": n_jobs})) == threads
 
 
+@pytest.mark.long
 def test_ray_launcher_runs_two_jobs(cli, store):
     # Ray's dashboard off: a local cluster starts it by default, in processes of its own that nothing here looks at
     result = cli("-m", "hydra/launcher=ray", "+hydra.launcher.ray.init.num_cpus=2", "+hydra.launcher.ray.init.include_dashboard=false",

@@ -89,6 +89,7 @@ def close_assistant(page) -> None:
         close.click()
 
 
+@pytest.mark.long
 def test_mlflow_ui_shows_the_runs_their_data_metrics_the_champion_and_a_sweep_under_its_parent(mlflow_ui, runs, sweep, client):
     experiment_id = runs[0].info.experiment_id
     champion = client.get_model_version_by_alias(CHAMPION, "champion")
