@@ -63,7 +63,8 @@ def temp_under_pytest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The long tests first, then the slow ones, each module's in its order: pytest-xdist gives each worker a run of this
-    list and the idle one takes tests from the other's end, so a minute-long test collected last would run alone while a core waits."""
+    list and the idle one takes tests from the other's end, so a minute-long test collected last would run alone while a core waits.
+    A module fixture shared by a long test and others is made once per group: mark all its users long (tests/test_multinode.py)."""
     items.sort(key=lambda item: (item.get_closest_marker("long") is None, item.get_closest_marker("slow") is None))
 
 

@@ -86,8 +86,16 @@ def test_augmentation_trains_through_the_frozen_layers_and_class_weights_reach_f
         seen.append(len(images))
         return augment(images, seed, cfg)
 
+    traces: list[str] = []
+    train_step = keras.Model.train_step
+
+    def spy_trace(model, data):
+        traces.append(model.name)  # Python runs this only while tf.function traces the step
+        return train_step(model, data)
+
     monkeypatch.setattr(keras.Model, "fit", spy_fit)
     monkeypatch.setattr(keras_trainer, "augment", spy_augment)
+    monkeypatch.setattr(keras.Model, "train_step", spy_trace)
     run(make_cfg(*VGG, *imbalanced_folder, "augment=basic", "trainer.class_weights=balanced", tiny=False))
     found = only_run(client)
     assert found.info.status == "FINISHED"
@@ -95,4 +103,5 @@ def test_augmentation_trains_through_the_frozen_layers_and_class_weights_reach_f
     assert found.data.params["class_weights"] == "Negative=0.6667,Positive=2"
     assert found.data.params["phase1.cached_up_to"] == "none" and "augment is on" in found.data.params["frozen_features"]
     assert sum(seen) == 2 * 24  # each training image once per epoch; no validation or test image
+    assert traces == ["vgg16_classifier"]  # the plain path with class weights: its step traced once (runner.train.keras_fit)
     assert 0 <= found.data.metrics["test_balanced_accuracy"] <= 1

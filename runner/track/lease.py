@@ -95,6 +95,8 @@ class Lease:
         while not self._stop.wait(self.seconds / 4):
             try:
                 run = client.get_run(self.run_id)
+                if self._stop.is_set():  # release() began and may be writing the end status: that is no other owner
+                    return
                 owner = run.data.tags.get(LEASE_TAG)
                 if owner != self.id or run.info.status != "RUNNING":
                     self.lost = (f"taken over by process {run.data.tags.get(PROCESS_TAG, '?')} on {run.data.tags.get(HOST_TAG, '?')}"
@@ -114,7 +116,8 @@ class Lease:
 
         In that order: a run still RUNNING keeps a live lease until its status is written, so
         another process looking for dead runs (:func:`close_dead_runs`) in between never marks a
-        run that just FINISHED as KILLED over it.
+        run that just FINISHED as KILLED over it. If ``end()`` raises (a full store), the lock
+        file stays, free: it tells others at once that the run's owner is gone.
         """
         self._stop.set()
         if self._thread is not None:

@@ -355,8 +355,8 @@ def _end_run(run_id: str, status: str) -> None:
     """Close the active run with ``status``; if the store cannot take even that (a full disk), say so.
 
     Raised only when the run itself succeeded: after a failure the first error is the one to
-    report. A run left RUNNING this way is marked KILLED by the next run on this host that
-    opens the store, once this process has ended.
+    report. A run left RUNNING this way is marked KILLED by the next run that opens the store
+    and finds its folder lock free (runner.track.lease), or its lease expired.
     """
     try:
         mlflow.end_run(status)
