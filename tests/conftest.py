@@ -68,6 +68,23 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: (item.get_closest_marker("long") is None, item.get_closest_marker("slow") is None))
 
 
+@pytest.fixture
+def traces(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the Keras models whose training step gets traced, one entry per trace: Python runs
+    ``train_step`` only while tf.function traces it (for tests that have imported the Keras trainer)."""
+    import keras
+
+    traced: list[str] = []
+    train_step = keras.Model.train_step
+
+    def spy(model: keras.Model, data: object) -> object:
+        traced.append(model.name)
+        return train_step(model, data)
+
+    monkeypatch.setattr(keras.Model, "train_step", spy)
+    return traced
+
+
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One data cache for the session, so the synthetic set is generated once."""

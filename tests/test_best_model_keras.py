@@ -73,7 +73,7 @@ def test_two_phase_run_keeps_the_best_epoch_stops_early_per_phase_and_schedules_
 
 
 @pytest.mark.slow
-def test_augmentation_trains_through_the_frozen_layers_and_class_weights_reach_fit(make_cfg, client, imbalanced_folder, monkeypatch):
+def test_augmentation_trains_through_the_frozen_layers_and_class_weights_reach_fit(make_cfg, client, imbalanced_folder, monkeypatch, traces):
     weights: list[dict | None] = []
     seen: list[int] = []
     keras_fit = keras.Model.fit
@@ -86,16 +86,8 @@ def test_augmentation_trains_through_the_frozen_layers_and_class_weights_reach_f
         seen.append(len(images))
         return augment(images, seed, cfg)
 
-    traces: list[str] = []
-    train_step = keras.Model.train_step
-
-    def spy_trace(model, data):
-        traces.append(model.name)  # Python runs this only while tf.function traces the step
-        return train_step(model, data)
-
     monkeypatch.setattr(keras.Model, "fit", spy_fit)
     monkeypatch.setattr(keras_trainer, "augment", spy_augment)
-    monkeypatch.setattr(keras.Model, "train_step", spy_trace)
     run(make_cfg(*VGG, *imbalanced_folder, "augment=basic", "trainer.class_weights=balanced", tiny=False))
     found = only_run(client)
     assert found.info.status == "FINISHED"

@@ -87,7 +87,8 @@ def test_a_run_that_is_ending_is_never_closed_by_another_process_looking_for_dea
     result = cli("-m", "optimizer.lr=0.1,0.01", "trainer.epochs=1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert closed == [] and "marked KILLED" not in result.stderr
-    runs = mlflow.MlflowClient(store["uri"]).search_runs([mlflow.MlflowClient(store["uri"]).get_experiment_by_name("crack-classification").experiment_id])
+    client = mlflow.MlflowClient(store["uri"])
+    runs = client.search_runs([client.get_experiment_by_name("crack-classification").experiment_id])
     assert sorted(r.info.status for r in runs) == ["FINISHED"] * 3  # the parent and its two jobs
 
 
