@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 from typing import Any
 
 import matplotlib
@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from runner.train.metrics import area_under, average_precision, positive_index, precision_recall_curve, roc_curve  # noqa: E402
@@ -250,20 +251,57 @@ def misclassified_grid(
                 ha="center", va="center", fontsize=14)
         return fig
     cols = min(4, len(shown))
-    rows = math.ceil(len(shown) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(max(2.8 * cols, 5.6), 3.1 * rows + 0.6), squeeze=False)
-    for ax in axes.flat[len(shown):]:
-        ax.axis("off")
-    for ax, i in zip(axes.flat, shown):
-        ax.imshow(images[i], interpolation=PIXELS)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_title(f"true: {classes[labels[i]]} / pred: {classes[preds[i]]} ({confidence[i]:.2f})", fontsize=9,
-                     color="firebrick")
-        ax.set_xlabel(names[i], fontsize=8, color="dimgrey")
+    cells = [GridCell(images[i], f"true: {classes[labels[i]]} / pred: {classes[preds[i]]} ({confidence[i]:.2f})", "firebrick", names[i])
+             for i in shown]
     more = f", the {len(shown)} most confident shown" if len(wrong) > len(shown) else ""
-    fig.suptitle(f"misclassified test images: {len(wrong)} of {len(labels)}{more}")
-    fig.tight_layout()
+    rows = [cells[start:start + cols] for start in range(0, len(cells), cols)]
+    return image_grid(rows, (max(2.8, 5.6 / cols), 3.1), f"misclassified test images: {len(wrong)} of {len(labels)}{more}", title_size=9)
+
+
+@dataclass(frozen=True)
+class GridCell:
+    """One picture of an :func:`image_grid`: its pixels (H, W, 3: uint8, or floats in [0, 1]), a title in ``colour``, a file name under it."""
+
+    pixels: np.ndarray
+    title: str
+    colour: str
+    name: str
+
+
+def image_grid(rows: list[list[GridCell]], cell: tuple[float, float], title: str, title_size: float, row_labels: list[str] | None = None,
+               title_lines: int = 1) -> Figure:
+    """Pictures in rows, each with its title above and its file name below, drawn on one axes in inches.
+
+    One axes for the whole grid, not one per picture: axes per picture, laid out by
+    ``tight_layout``, were most of the time a run spent on its pictures, and every run draws a grid.
+    ``cell``: the (width, height) in inches each picture takes with its texts.
+    """
+    left = 0.45 if row_labels else 0.1
+    top = 0.2 + 0.22 * title_lines
+    width, height = left + cell[0] * max(len(row) for row in rows) + 0.1, top + cell[1] * len(rows)
+    fig = plt.figure(figsize=(width, height))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_axis_off()
+    ax.set_autoscale_on(False)
+    ax.set_xlim(0, width)
+    ax.set_ylim(height, 0)  # inches from the top left corner
+    space_above, space_below = 0.3, 0.25  # for the title and the file name
+    for r, row in enumerate(rows):
+        y = top + r * cell[1]
+        if row_labels:
+            ax.text(left / 2, y + cell[1] / 2, row_labels[r], rotation=90, ha="center", va="center", fontsize=11)
+        for c, picture in enumerate(row):
+            x = left + c * cell[0]
+            pixels = picture.pixels
+            side = min(cell[0] - 0.15, cell[1] - space_above - space_below - 0.05)  # the picture's longer side
+            w, h = (side, side * pixels.shape[0] / pixels.shape[1]) if pixels.shape[1] >= pixels.shape[0] else \
+                (side * pixels.shape[1] / pixels.shape[0], side)
+            x0, y0 = x + (cell[0] - w) / 2, y + space_above + (cell[1] - space_above - space_below - h) / 2
+            ax.imshow(pixels, extent=(x0, x0 + w, y0 + h, y0), interpolation=PIXELS, aspect="auto")
+            ax.add_patch(Rectangle((x0, y0), w, h, fill=False, linewidth=0.8, edgecolor="black"))
+            ax.text(x + cell[0] / 2, y0 - 0.06, picture.title, ha="center", va="bottom", fontsize=title_size, color=picture.colour)
+            ax.text(x + cell[0] / 2, y0 + h + 0.06, picture.name, ha="center", va="top", fontsize=title_size - 1, color="dimgrey")
+    fig.text(0.5, 1 - 0.12 / height, title, ha="center", va="top", fontsize=12 if title_lines == 1 else 11)
     return fig
 
 
@@ -350,26 +388,18 @@ def gradcam_grid(
     predicted class lies; on a crack image it should be the crack.
     """
     preds = probs.argmax(axis=1)
-    rows = [(kind, np.flatnonzero((preds == labels) == right)) for kind, right in (("correct", True), ("wrong", False))]
-    rows = [(kind, shown) for kind, shown in rows if len(shown)]
-    cols = max(len(shown) for _, shown in rows)
-    fig, axes = plt.subplots(len(rows), cols, figsize=(2.9 * cols + 0.4, 3.2 * len(rows) + 0.6), squeeze=False)
-    for (kind, shown), row in zip(rows, axes):
-        for ax in row[len(shown):]:
-            ax.axis("off")
-        for ax, i in zip(row, shown):
-            ax.imshow(images[i], interpolation=PIXELS)
-            ax.imshow(heatmaps[i], cmap="jet", alpha=0.45, vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_title(f"true {classes[labels[i]]} / pred {classes[preds[i]]} ({probs[i, preds[i]]:.2f})", fontsize=8,
-                         color="darkgreen" if kind == "correct" else "firebrick")
-            ax.set_xlabel(names[i], fontsize=7, color="dimgrey")
-        row[0].set_ylabel(kind, fontsize=11)
-    missing = "" if len(rows) == 2 else f" (no {'wrong' if rows[0][0] == 'correct' else 'correct'} test predictions)"
-    fig.suptitle(f"Grad-CAM of the predicted class at layer {layer}{missing}\nred: where the evidence for it is", fontsize=11)
-    fig.tight_layout()
-    return fig
+    shade = plt.get_cmap("jet")(heatmaps)[..., :3]  # the heatmap over the image at 45% opacity, as one picture
+    rows, kinds = [], []
+    for kind, right, colour in (("correct", True, "darkgreen"), ("wrong", False, "firebrick")):
+        shown = np.flatnonzero((preds == labels) == right)
+        if len(shown):
+            kinds.append(kind)
+            rows.append([GridCell(0.55 * np.asarray(images[i], dtype=np.float32) / 255 + 0.45 * shade[i],
+                                  f"true {classes[labels[i]]} / pred {classes[preds[i]]} ({probs[i, preds[i]]:.2f})", colour, names[i])
+                         for i in shown])
+    missing = "" if len(rows) == 2 else f" (no {'wrong' if kinds[0] == 'correct' else 'correct'} test predictions)"
+    return image_grid(rows, (2.9, 3.2), f"Grad-CAM of the predicted class at layer {layer}{missing}\nred: where the evidence for it is",
+                      title_size=8, row_labels=kinds, title_lines=2)
 
 
 def trial_curves_figure(curves: list[tuple[str, list[int], list[float], bool]], monitor: str) -> Figure:
