@@ -1,5 +1,6 @@
 """The pictures a reviewer looks at beside the scores: precision-recall and reliability curves (both
-frameworks), the linear model's weights, and Keras models' Grad-CAM heatmaps. Real runs log them;
+frameworks), the linear model's weights, and Keras models' Grad-CAM heatmaps. Real runs log them
+(a Keras run's: the ResNet50 command-line run of tests/test_keras.py, checked by :func:`logged_pictures`);
 copies go to ``tests/artifacts/pictures/<framework>/`` for a look."""
 
 from __future__ import annotations
@@ -51,12 +52,6 @@ def test_a_linear_run_logs_pr_calibration_and_its_weights(make_cfg, client):
     assert positive["name"] == "Positive"
     assert positive["roc"]["auc"] == pytest.approx(found.data.metrics["test_roc_auc"])
     assert sum(positive["calibration"]["count"]) == int(found.data.params["num_test"])
-
-
-@pytest.mark.slow
-def test_a_keras_run_logs_pr_calibration_and_grad_cam(make_cfg, client):
-    run(make_cfg("model=resnet50", "model.weights=null", "dataset.image_size=64", "trainer.epochs=1"))
-    logged_pictures(client, "keras")
 
 
 def test_curves_of_perfect_calibrated_and_one_sided_predictions():

@@ -12,6 +12,7 @@ import keras
 import mlflow
 import numpy as np
 import pytest
+from test_explain import logged_pictures
 from test_export import artifacts
 
 from crack_runner import datasets
@@ -98,24 +99,6 @@ def test_weights_file_that_is_missing_or_does_not_fit_is_a_config_error(tmp_path
 
 
 @pytest.mark.slow
-def test_frozen_layers_keep_the_loaded_weights_and_the_others_train(make_cfg, client, tmp_path):
-    keras.utils.set_random_seed(7)  # weights unlike the run's own random init (seed 42)
-    start = load_base("resnet50", None, SHAPE)
-    path = tmp_path / "resnet50_notop.weights.h5"
-    start.save_weights(path)
-    run(make_cfg("model=resnet50", f"model.weights={path}", "freeze_depth=150", "optimizer.lr=0.01", "trainer.epochs=1",
-                 "trainer.keep_checkpoints=true"))
-    checkpoint = mlflow.artifacts.download_artifacts(run_id=only_run(client).info.run_id, artifact_path="checkpoints/last.keras")
-    trained = keras.saving.load_model(checkpoint).get_layer("resnet50")
-    for index, (before, after) in enumerate(zip(start.layers, trained.layers)):
-        unchanged = [np.array_equal(b, a) for b, a in zip(before.get_weights(), after.get_weights())]
-        if index < 150 or isinstance(before, keras.layers.BatchNormalization):  # BN: frozen, statistics too
-            assert all(unchanged), f"frozen layer {index} {before.name} changed"
-        elif before.weights:
-            assert not all(unchanged), f"unfrozen layer {index} {before.name} did not train"
-
-
-@pytest.mark.slow
 def test_fine_tune_lr_trains_the_head_then_the_unfrozen_layers_in_one_run(make_cfg, client, monkeypatch, traces):
     fits: list[tuple[float, int, int]] = []
     epochs: list[tuple[int, str]] = []
@@ -153,9 +136,14 @@ def test_fine_tune_lr_trains_the_head_then_the_unfrozen_layers_in_one_run(make_c
 @pytest.mark.long
 @pytest.mark.slow
 def test_command_line_resnet50_run_in_a_pipe_is_quiet_tracked_like_linear_and_never_imports_torch(cli, client, store, tmp_path, monkeypatch):
+    """One ResNet50 run from a weights file, in a process: what it imports and prints, what it logs, which layers trained."""
+    keras.utils.set_random_seed(7)  # weights unlike the run's own random init (seed 42)
+    start = load_base("resnet50", None, SHAPE)
+    weights = tmp_path / "resnet50_notop.weights.h5"
+    start.save_weights(weights)
     monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")  # the run lists every module it imports on stderr
     # A process: TensorFlow's native libraries write to its stderr. Progress asked for, but not a terminal.
-    result = cli("model=resnet50", "model.weights=null", "freeze_depth=140", "trainer.progress=true", process=True)
+    result = cli("model=resnet50", f"model.weights={weights}", "freeze_depth=150", "trainer.progress=true", process=True)
     imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
     logs = "\n".join(line for line in result.stderr.splitlines() if not line.startswith("import time:"))
     assert result.returncode == 0, logs[-3000:]
@@ -169,9 +157,9 @@ def test_command_line_resnet50_run_in_a_pipe_is_quiet_tracked_like_linear_and_ne
     found = only_run(client)
     assert found.info.status == "FINISHED" and found.info.run_id in result.stdout + result.stderr
     params = found.data.params
-    assert params["framework"] == "keras" and params["model.name"] == "resnet50" and params["freeze_depth"] == "140"
+    assert params["framework"] == "keras" and params["model.name"] == "resnet50" and params["freeze_depth"] == "150"
     assert params["tensorflow_version"] == keras_trainer.tf.__version__ and params["keras_version"] == keras.__version__
-    assert params["phase1.name"] == "train" and params["phase1.freeze_depth"] == "140" and "phase2.name" not in params
+    assert params["phase1.name"] == "train" and params["phase1.freeze_depth"] == "150" and "phase2.name" not in params
     assert int(params["phase1.trainable_params"]) > 0 and int(params["phase1.frozen_params"]) > 0
     for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
         assert [m.step for m in client.get_metric_history(found.info.run_id, key)] == [1, 2]
@@ -179,14 +167,25 @@ def test_command_line_resnet50_run_in_a_pipe_is_quiet_tracked_like_linear_and_ne
         assert 0.0 <= found.data.metrics[key] <= 1.0
     names = {a.path for d in ("config", "checkpoints", "plots") for a in client.list_artifacts(found.info.run_id, d)}
     assert {"config/config.yaml", "config/overrides.yaml", "plots/learning_curves.png", "plots/confusion_matrix.png"} <= names
+    logged_pictures(client, "keras")  # precision-recall, calibration and Grad-CAM, no linear weights (tests/test_explain.py)
     info = mlflow.models.get_model_info(f"runs:/{found.info.run_id}/model")
     assert "tensorflow" in info.flavors and info.signature.inputs.inputs[0].shape == (-1, 32, 32, 3)
     # FINISHED: the checkpoints (weights and optimizer state, for a resume) are gone; the logged model holds
     # the weights alone, and the whole run takes at most 1.2x their float32 size.
     assert not any(name.startswith("checkpoints/") for name in names)
     assert not list((tmp_path / "outputs").rglob("*.keras"))
-    weights = 4 * (int(params["phase1.trainable_params"]) + int(params["phase1.frozen_params"]))
-    assert disk_bytes(Path(store["artifacts"]), tmp_path / "outputs") <= 1.2 * weights
+    size = 4 * (int(params["phase1.trainable_params"]) + int(params["phase1.frozen_params"]))
+    assert disk_bytes(Path(store["artifacts"]), tmp_path / "outputs") <= 1.2 * size
+
+    # The logged model's base: the first 150 layers and every BatchNormalization (statistics too) as loaded, the others trained.
+    logged = Path(mlflow.artifacts.download_artifacts(f"runs:/{found.info.run_id}/model")) / "data" / "model.keras"
+    trained = keras.saving.load_model(logged).get_layer("resnet50")
+    for index, (before, after) in enumerate(zip(start.layers, trained.layers)):
+        unchanged = [np.array_equal(b, a) for b, a in zip(before.get_weights(), after.get_weights())]
+        if index < 150 or isinstance(before, keras.layers.BatchNormalization):
+            assert all(unchanged), f"frozen layer {index} {before.name} changed"
+        elif before.weights:
+            assert not all(unchanged), f"unfrozen layer {index} {before.name} did not train"
 
 
 # What TensorFlow's native libraries and progress bars would put in a log read from a pipe.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -123,11 +124,13 @@ class Runner:
 
 
 @pytest.fixture
-def runner(tmp_path: Path) -> Iterator[Callable[..., Runner]]:
-    """Start a runner with overrides; whatever is left of it is killed after the test."""
+def runner(tmp_path: Path, empty_store: Path) -> Iterator[Callable[..., Runner]]:
+    """Start a runner with overrides, its store a copy of the empty one; whatever is left of it is killed after the test."""
     started: list[Runner] = []
 
     def start(*overrides: str) -> Runner:
+        if not (tmp_path / "mlflow.db").exists():
+            shutil.copyfile(empty_store, tmp_path / "mlflow.db")
         started.append(Runner(tmp_path, *overrides))
         return started[-1]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -79,7 +80,7 @@ def signal_at(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT], ids=["SIGINT"])  # SIGTERM: the Keras resume test (the same handler)
-def test_interrupted_run_is_killed_and_resumes_to_the_same_result(sig, store, data_cache, tmp_path, make_cfg, cli):
+def test_interrupted_run_is_killed_and_resumes_to_the_same_result(sig, store, data_cache, tmp_path, uninterrupted, cli):
     env = services.runner_env(store["uri"], data_cache)
     result = start_and_interrupt(env, runner_command(store["artifacts"], *LONG), tmp_path, checkpoint_logged(Path(store["artifacts"])), sig)
     assert result.returncode == 130, result.stderr[-3000:]
@@ -98,7 +99,7 @@ def test_interrupted_run_is_killed_and_resumes_to_the_same_result(sig, store, da
     assert sorted(set(steps)) == list(range(1, 41))
 
     # The same config run without interruption, in another store: exactly the same metrics.
-    (reference,) = runs_of(uninterrupted(make_cfg, LONG, tmp_path))
+    (reference,) = runs_of(uninterrupted(LONG))
     for key in ("test_accuracy", "test_loss", "test_roc_auc", "val_loss", "train_loss"):
         assert finished.data.metrics[key] == reference.data.metrics[key], key
 
@@ -118,11 +119,17 @@ def assert_killed(uri: str, result: subprocess.CompletedProcess, epochs: int) ->
     return killed.info.run_id
 
 
-def uninterrupted(make_cfg: Callable[..., Any], overrides: list[str], tmp_path: Path) -> str:
-    """Run ``overrides`` once, uninterrupted, in a store of its own: that store's URI."""
-    reference_store = f"sqlite:///{tmp_path / 'reference.db'}"
-    run(make_cfg(*overrides, f"tracking.uri={reference_store}", f"tracking.artifact_root={tmp_path / 'ref-artifacts'}"))
-    return reference_store
+@pytest.fixture
+def uninterrupted(make_cfg: Callable[..., Any], tmp_path: Path, empty_store: Path) -> Callable[[list[str]], str]:
+    """``uninterrupted(overrides)``: run them once, uninterrupted, in a store of its own (a copy of the empty one); that store's URI."""
+
+    def _run(overrides: list[str]) -> str:
+        shutil.copyfile(empty_store, tmp_path / "reference.db")
+        reference_store = f"sqlite:///{tmp_path / 'reference.db'}"
+        run(make_cfg(*overrides, f"tracking.uri={reference_store}", f"tracking.artifact_root={tmp_path / 'ref-artifacts'}"))
+        return reference_store
+
+    return _run
 
 
 def assert_same_run_as_uninterrupted(uri: str, run_id: str, reference_uri: str) -> None:
@@ -141,7 +148,7 @@ def assert_same_run_as_uninterrupted(uri: str, run_id: str, reference_uri: str) 
 
 
 @pytest.mark.long
-def test_keras_run_interrupted_in_each_phase_resumes_to_the_uninterrupted_metrics(store, tmp_path, make_cfg, cli, signal_at):
+def test_keras_run_interrupted_in_each_phase_resumes_to_the_uninterrupted_metrics(store, uninterrupted, cli, signal_at):
     """On the stored frozen features (the default): SIGTERM in the head phase, resumed; SIGINT in the fine-tune phase, resumed again."""
     signal_at(1, signal.SIGTERM)
     run_id = assert_killed(store["uri"], cli(*KERAS), epochs=1)
@@ -153,14 +160,14 @@ def test_keras_run_interrupted_in_each_phase_resumes_to_the_uninterrupted_metric
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming after epoch 3 (fine_tune phase)" in resumed.stderr
 
-    assert_same_run_as_uninterrupted(store["uri"], run_id, uninterrupted(make_cfg, KERAS, tmp_path))
+    assert_same_run_as_uninterrupted(store["uri"], run_id, uninterrupted(KERAS))
 
 
 VGG = ["model=vgg16", "model.weights=null", "freeze_depth=15", "fine_tune_lr=0.001", "trainer.epochs=2", "trainer.fine_tune_epochs=2"]
 
 
 @pytest.mark.long
-def test_keras_run_through_the_frozen_layers_resumes_in_the_fine_tune_phase(store, tmp_path, make_cfg, cli, signal_at):
+def test_keras_run_through_the_frozen_layers_resumes_in_the_fine_tune_phase(store, uninterrupted, cli, signal_at):
     """Without stored features (every epoch through the frozen layers), VGG16 for its short build: SIGTERM in the fine-tune phase."""
     through = [*VGG, "trainer.cache_frozen_features=false"]
     signal_at(3, signal.SIGTERM)
@@ -169,7 +176,7 @@ def test_keras_run_through_the_frozen_layers_resumes_in_the_fine_tune_phase(stor
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming after epoch 3 (fine_tune phase)" in resumed.stderr
 
-    assert_same_run_as_uninterrupted(store["uri"], run_id, uninterrupted(make_cfg, through, tmp_path))
+    assert_same_run_as_uninterrupted(store["uri"], run_id, uninterrupted(through))
 
 
 def test_resume_refuses_a_finished_run_or_another_config(make_cfg, client):
