@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,10 +56,9 @@ def command_lines() -> list[str]:
     return lines
 
 
-def run_module(server: services.AuthServer, cwd: Path, *args: str, password: str | None = None) -> subprocess.CompletedProcess:
-    """``python -m <args> --tracking-uri <server>`` as the jobs' user (with ``password``: a wrong one)."""
-    return subprocess.run([sys.executable, "-m", *args, "--tracking-uri", server.url], cwd=cwd,
-                          env={**os.environ, **server.credentials(password)}, capture_output=True, text=True)
+def run_module(server: services.AuthServer, cwd: Path, module: str, *args: str, password: str | None = None) -> subprocess.CompletedProcess:
+    """``python -m <module> <args> --tracking-uri <server>`` as the jobs' user (with ``password``: a wrong one), in this interpreter."""
+    return services.run_in_process([*args, "--tracking-uri", server.url], cwd, {**os.environ, **server.credentials(password)}, module)
 
 
 @pytest.mark.long  # beside the cluster test: one server for both (a module fixture)
