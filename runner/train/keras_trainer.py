@@ -23,6 +23,8 @@ import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,46 +221,55 @@ def save_checkpoint(path: Path, model: keras.Model, epoch: int, phase: str) -> N
         archive.writestr(RESUME_STATE, json.dumps(state))
 
 
-@dataclass(frozen=True)
-class Checkpoint:
-    """A checkpoint read back: the saved classifier (weights, optimizer), the epoch and phase it ended, the random states."""
-
-    saved: keras.Model
-    epoch: int
-    phase: str
-    rng: list[list[int]]
-
-    def restore(self, model: keras.Model, optimizer: bool) -> None:
-        """Give ``model`` (frozen and compiled for the phase that goes on) the saved weights and random states.
-
-        ``optimizer``: also the optimizer's state (step count, momenta), when the run goes on
-        inside the phase that saved it; a phase that starts anew starts a fresh optimizer, as
-        in a run never stopped.
-        """
-        model.set_weights(self.saved.get_weights())
-        for variable, value in zip(rng_states(model), self.rng, strict=True):
-            variable.assign(value)
-        if optimizer:
-            model.optimizer.build(model.trainable_variables)
-            for variable, saved in zip(model.optimizer.variables, self.saved.optimizer.variables, strict=True):
-                variable.assign(saved)
+WEIGHTS = "model.weights.h5"  # the member of a .keras archive that holds the weights and the optimizer's variables
 
 
-def read_checkpoint(path: Path) -> Checkpoint:
-    """Read a checkpoint written by :func:`save_checkpoint`, in Keras' safe mode: a layer that would run pickled code is refused.
+def read_checkpoint(path: Path) -> keras.Model:
+    """Read a checkpoint written by :func:`save_checkpoint` in Keras' safe mode, as a resume checks every checkpoint
+    before the run reopens (runner.track.safe_load.check_resume): a layer that would run pickled code is refused.
 
     A resumed run's checkpoints come from its store, which others may write: one that is
     truncated, damaged or not this runner's is an UnreadableCheckpoint naming it.
     """
     try:
-        with zipfile.ZipFile(path) as archive:
-            state = json.loads(archive.read(RESUME_STATE)) if RESUME_STATE in archive.namelist() else None
-        if state is None:
+        resume_state(path)
+        return keras.saving.load_model(path, safe_mode=True)
+    except (zipfile.BadZipFile, OSError, ValueError, TypeError, KeyError) as err:
+        raise UnreadableCheckpoint(path, err) from None
+
+
+def resume_state(path: Path) -> dict[str, Any]:
+    """Where the checkpoint's run stood: its last complete ``epoch``, its ``phase`` and the layers' random states (``rng``)."""
+    with zipfile.ZipFile(path) as archive:
+        if RESUME_STATE not in archive.namelist():
             raise ConfigError(
                 f"resume: the checkpoint {path.name} was written by a runner that could not resume Keras runs; "
                 "start the run anew (the same command without resume=...)."
             )
-        return Checkpoint(keras.saving.load_model(path, safe_mode=True), int(state["epoch"]), state["phase"], state["rng"])
+        return json.loads(archive.read(RESUME_STATE))
+
+
+def restore_checkpoint(path: Path, model: keras.Model, optimizer: bool) -> None:
+    """Give ``model`` (frozen and compiled for the phase that goes on) a checkpoint's weights and random states.
+
+    ``optimizer``: also the optimizer's state (step count, momenta), when the run goes on inside
+    the phase that saved it; a phase that starts anew starts a fresh optimizer, as in a run never
+    stopped. Only arrays are read, into the run's own model: the checkpoint is one this run wrote,
+    or one :func:`read_checkpoint` checked before the run reopened; the classifier is not rebuilt
+    from the file's config. The weights member is copied out first: h5py reads it from a plain
+    file in one pass, where inside the archive it seeks through the zip stream.
+    """
+    try:
+        state = resume_state(path)
+        with zipfile.ZipFile(path) as archive, tempfile.TemporaryDirectory() as folder:
+            weights = Path(folder, WEIGHTS)
+            with archive.open(WEIGHTS) as source, open(weights, "wb") as target:
+                shutil.copyfileobj(source, target, 2**22)
+            if optimizer:
+                model.optimizer.build(model.trainable_variables)
+            model.load_weights(weights, objects_to_skip=None if optimizer else [model.optimizer])
+        for variable, value in zip(rng_states(model), state["rng"], strict=True):
+            variable.assign(value)
     except (zipfile.BadZipFile, OSError, ValueError, TypeError, KeyError) as err:
         raise UnreadableCheckpoint(path, err) from None
 
@@ -296,8 +307,9 @@ def fit(run: RunConfig, data: DataSplits, tracker: Tracker, epochs: Epochs, resu
     tracker.log_params({"device": "gpu" if tf.config.list_physical_devices("GPU") else "cpu", "base_layers": len(base.layers)})
     shortcut = frozen_shortcut(run, model, base, data, phases, tracker)
     weights = class_weights(data.train.labels, data.classes, run.trainer.class_weights, tracker)
-    checkpoint = read_checkpoint(resume_from / CHECKPOINT) if resume_from else None
-    epochs.rewind(checkpoint.epoch if checkpoint else 0, resume_from)
+    checkpoint = resume_from / CHECKPOINT if resume_from else None
+    stood = resume_state(checkpoint) if checkpoint else {"epoch": 0}
+    epochs.rewind(int(stood["epoch"]), resume_from)
     for number, phase in enumerate(phases, start=1):
         left = epochs.left(phase.name, phase.epochs)
         if left == 0:  # completed (or stopped early) before the interruption
@@ -307,8 +319,8 @@ def fit(run: RunConfig, data: DataSplits, tracker: Tracker, epochs: Epochs, resu
         freeze(base, phase.freeze_depth)
         compile_model(model, run.optimizer, phase.lr)
         if checkpoint:
-            checkpoint.restore(model, optimizer=left < phase.epochs)
-            log.info("resuming after epoch %d (%s phase) from the checkpoint of run %s", done, checkpoint.phase, tracker.run_id)
+            restore_checkpoint(checkpoint, model, optimizer=left < phase.epochs)
+            log.info("resuming after epoch %d (%s phase) from the checkpoint of run %s", done, stood["phase"], tracker.run_id)
             checkpoint = None
         cut = shortcut.begin_phase(first=number == 1) if shortcut else None
         log_phase(tracker, number, len(phases), phase, model, base, cut)
@@ -326,9 +338,8 @@ def fit(run: RunConfig, data: DataSplits, tracker: Tracker, epochs: Epochs, resu
         else:
             train, val = image_batches(run, data, span)
             fit_traced_once(model, train, validation_data=val, **fit_args)  # the plain path: every layer, every epoch
-    # The best epoch's classifier, read as a resume reads it (Keras' model.load_weights reads a .keras
-    # archive's weights through zipfile seeks, several times slower); the trainable rest on stored output shares its layers.
-    epochs.finish(lambda path: read_checkpoint(path).restore(model, optimizer=False))
+    # The best epoch's classifier, read as a resume reads it; the trainable rest on stored output shares its layers.
+    epochs.finish(lambda path: restore_checkpoint(path, model, optimizer=False))
     return KerasModel(model, run.trainer.batch_size, epochs.history, shortcut if shortcut and shortcut.cut else None)
 
 
