@@ -22,6 +22,7 @@ from runner.app import run
 from runner.config.schema import to_run_config
 from runner.deploy import onnx_export
 from runner.errors import TrainingError
+from runner.track.safe_load import UnreadableCheckpoint
 from runner.train.epochs import Epochs
 from services import disk_bytes, run_in_process, runner_env
 
@@ -85,6 +86,41 @@ def test_the_model_applies_the_backbones_own_preprocess_input(name):
     pixels = np.random.default_rng(0).uniform(0, 255, (2, *SHAPE)).astype(np.float32)
     inside = keras.Model(model.input, model.get_layer("preprocess_input").output).predict(pixels, verbose=0)
     np.testing.assert_allclose(inside, BACKBONES[name].preprocess_input(pixels.copy()), atol=1e-4)
+
+
+def small_classifier(optimizer: keras.optimizers.Optimizer) -> keras.Model:
+    """A few Dense weights and a dropout layer (a random state): what a checkpoint holds, in a model built at once."""
+    inputs = keras.Input((4,))
+    hidden = keras.layers.Dropout(0.5)(keras.layers.Dense(3, activation="relu")(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(hidden))
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def test_a_checkpoint_restores_weights_optimizer_and_random_states_and_refuses_an_optimizer_that_does_not_fit(tmp_path):
+    rng = np.random.default_rng(0)
+    keras.utils.set_random_seed(1)
+    trained = small_classifier(keras.optimizers.Adam(0.01))
+    trained.fit(rng.normal(size=(16, 4)), rng.integers(0, 2, 16), epochs=2, verbose=0)
+    path = tmp_path / keras_trainer.CHECKPOINT
+    keras_trainer.save_checkpoint(path, trained, epoch=2, phase="train")
+
+    keras.utils.set_random_seed(2)  # other initial weights and random states
+    fresh = small_classifier(keras.optimizers.Adam(0.01))
+    keras_trainer.restore_checkpoint(path, fresh, optimizer=True)
+    for name, restored, saved in (("weights", fresh.weights, trained.weights), ("optimizer", fresh.optimizer.variables, trained.optimizer.variables),
+                                  ("random states", keras_trainer.rng_states(fresh), keras_trainer.rng_states(trained))):
+        assert len(restored) == len(saved) > 0, name
+        for mine, theirs in zip(restored, saved):
+            np.testing.assert_array_equal(keras.ops.convert_to_numpy(mine), keras.ops.convert_to_numpy(theirs), err_msg=name)
+
+    other = small_classifier(keras.optimizers.SGD(0.01, momentum=0.9))  # another optimizer's state: Keras would skip it with a warning
+    with pytest.raises(UnreadableCheckpoint, match="no optimizer state"):
+        keras_trainer.restore_checkpoint(path, other, optimizer=True)
+    keras_trainer.restore_checkpoint(path, other, optimizer=False)  # a phase that starts anew: the weights only
+    for mine, theirs in zip(other.weights, trained.weights):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(mine), keras.ops.convert_to_numpy(theirs))
+    assert not list(tmp_path.glob(".restore-*"))  # the weights' copy beside the checkpoint is gone
 
 
 @pytest.mark.parametrize("file, reason", [("missing.h5", "no weights file"), ("vgg16.weights.h5", "does not hold"), ("junk.h5", "does not hold")])

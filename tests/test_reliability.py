@@ -168,13 +168,19 @@ VGG = ["model=vgg16", "model.weights=null", "freeze_depth=15", "fine_tune_lr=0.0
 
 @pytest.mark.long
 def test_keras_run_through_the_frozen_layers_resumes_in_the_fine_tune_phase(store, uninterrupted, cli, signal_at):
-    """Without stored features (every epoch through the frozen layers), VGG16 for its short build: SIGTERM in the fine-tune phase."""
-    through = [*VGG, "trainer.cache_frozen_features=false"]
+    """Without stored features (every epoch through the frozen layers), VGG16 for its short build: SIGTERM in the fine-tune
+    phase, resumed; then stopped at once after its last epoch (a second SIGTERM), resumed to its test with that epoch's weights."""
+    through = [*VGG, "trainer.cache_frozen_features=false", "trainer.select=last"]  # last: no best epoch read back to hide a lost one
     signal_at(3, signal.SIGTERM)
     run_id = assert_killed(store["uri"], cli(*through), epochs=3)
+    signal_at(4, signal.SIGTERM)
+    signal_at(4, signal.SIGTERM)  # the second one stops at once: the run ends KILLED with every epoch done
+    result = cli(*through, f"resume={run_id}")
+    assert "resuming after epoch 3 (fine_tune phase)" in result.stderr
+    assert assert_killed(store["uri"], result, epochs=4) == run_id
     resumed = cli(*through, f"resume={run_id}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming after epoch 3 (fine_tune phase)" in resumed.stderr
+    assert "resuming after epoch 4, the last" in resumed.stderr
 
     assert_same_run_as_uninterrupted(store["uri"], run_id, uninterrupted(through))
 

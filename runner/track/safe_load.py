@@ -9,7 +9,8 @@ variable false, which makes MLflow check the records of the .pt2 archive as well
 would unpickle, or import code it ships, loads only when the user opts in (:data:`OPT_IN`).
 Checkpoints are read by their trainer with ``torch.load(weights_only=True)`` or
 ``keras.saving.load_model(safe_mode=True)``; one that cannot be is an :class:`UnreadableCheckpoint`,
-and a resume reads them all (:func:`check_resume`) before the interrupted run reopens.
+and a resume reads them all (:func:`check_resume`) before the interrupted run reopens (a Keras
+run then restores the checked one as arrays into its own model).
 """
 
 from __future__ import annotations

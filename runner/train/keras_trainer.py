@@ -45,7 +45,7 @@ import tensorflow as tf  # noqa: E402
 from crack_runner.datasets import DataSplits, stopping  # noqa: E402
 from crack_runner.models.keras_backbones import build, check_weights, freeze, frozen_layer_count  # noqa: E402
 from runner.config.schema import OPTIMIZERS, PRECISIONS, OptimizerConfig, RunConfig  # noqa: E402
-from runner.errors import ConfigError  # noqa: E402
+from runner.errors import ConfigError, storage_error  # noqa: E402
 from runner.track.safe_load import UnreadableCheckpoint  # noqa: E402
 from runner.track.tracking import Tracker  # noqa: E402
 from runner.train.augment import augment  # noqa: E402
@@ -222,6 +222,7 @@ def save_checkpoint(path: Path, model: keras.Model, epoch: int, phase: str) -> N
 
 
 WEIGHTS = "model.weights.h5"  # the member of a .keras archive that holds the weights and the optimizer's variables
+UNREADABLE = (zipfile.BadZipFile, OSError, ValueError, TypeError, KeyError)  # what reading a damaged or foreign archive raises
 
 
 def read_checkpoint(path: Path) -> keras.Model:
@@ -229,12 +230,13 @@ def read_checkpoint(path: Path) -> keras.Model:
     before the run reopens (runner.track.safe_load.check_resume): a layer that would run pickled code is refused.
 
     A resumed run's checkpoints come from its store, which others may write: one that is
-    truncated, damaged or not this runner's is an UnreadableCheckpoint naming it.
+    truncated, damaged or not this runner's (no resume state, or one without its epoch, phase
+    and random states) is an UnreadableCheckpoint naming it.
     """
     try:
         resume_state(path)
         return keras.saving.load_model(path, safe_mode=True)
-    except (zipfile.BadZipFile, OSError, ValueError, TypeError, KeyError) as err:
+    except UNREADABLE as err:
         raise UnreadableCheckpoint(path, err) from None
 
 
@@ -246,31 +248,41 @@ def resume_state(path: Path) -> dict[str, Any]:
                 f"resume: the checkpoint {path.name} was written by a runner that could not resume Keras runs; "
                 "start the run anew (the same command without resume=...)."
             )
-        return json.loads(archive.read(RESUME_STATE))
+        state = json.loads(archive.read(RESUME_STATE))
+    if not (isinstance(state, dict) and isinstance(state.get("epoch"), int) and isinstance(state.get("phase"), str)
+            and isinstance(state.get("rng"), list)):
+        raise ValueError(f"its {RESUME_STATE} does not hold an epoch, a phase and random states")
+    return state
 
 
 def restore_checkpoint(path: Path, model: keras.Model, optimizer: bool) -> None:
-    """Give ``model`` (frozen and compiled for the phase that goes on) a checkpoint's weights and random states.
+    """Give ``model`` a checkpoint's weights and random states (``model``: frozen and compiled for the phase that goes on, if one does).
 
     ``optimizer``: also the optimizer's state (step count, momenta), when the run goes on inside
     the phase that saved it; a phase that starts anew starts a fresh optimizer, as in a run never
     stopped. Only arrays are read, into the run's own model: the checkpoint is one this run wrote,
     or one :func:`read_checkpoint` checked before the run reopened; the classifier is not rebuilt
-    from the file's config. The weights member is copied out first: h5py reads it from a plain
-    file in one pass, where inside the archive it seeks through the zip stream.
+    from the file's config. The weights member is copied out beside the checkpoint first: h5py
+    reads it from a plain file in one pass, where inside the archive it seeks through the zip stream.
     """
     try:
         state = resume_state(path)
-        with zipfile.ZipFile(path) as archive, tempfile.TemporaryDirectory() as folder:
+        with zipfile.ZipFile(path) as archive, tempfile.TemporaryDirectory(dir=path.parent, prefix=".restore-") as folder:
             weights = Path(folder, WEIGHTS)
-            with archive.open(WEIGHTS) as source, open(weights, "wb") as target:
-                shutil.copyfileobj(source, target, 2**22)
+            try:
+                with archive.open(WEIGHTS) as source, open(weights, "wb") as target:
+                    shutil.copyfileobj(source, target, 2**22)
+            except OSError as err:
+                raise storage_error(err) or err from None  # a full disk is said as one, not as a damaged checkpoint
             if optimizer:
                 model.optimizer.build(model.trainable_variables)
-            model.load_weights(weights, objects_to_skip=None if optimizer else [model.optimizer])
+            compiled = getattr(model, "optimizer", None)  # none when every phase had ended: the model was never compiled
+            model.load_weights(weights, objects_to_skip=None if optimizer or compiled is None else [compiled])
+        if optimizer and int(model.optimizer.iterations) == 0:  # Keras skips an optimizer state that does not fit with a warning only
+            raise ValueError("it holds no optimizer state for the phase it stopped in")
         for variable, value in zip(rng_states(model), state["rng"], strict=True):
             variable.assign(value)
-    except (zipfile.BadZipFile, OSError, ValueError, TypeError, KeyError) as err:
+    except UNREADABLE as err:
         raise UnreadableCheckpoint(path, err) from None
 
 
@@ -338,6 +350,10 @@ def fit(run: RunConfig, data: DataSplits, tracker: Tracker, epochs: Epochs, resu
         else:
             train, val = image_batches(run, data, span)
             fit_traced_once(model, train, validation_data=val, **fit_args)  # the plain path: every layer, every epoch
+    if checkpoint:  # every phase had ended: the run was stopped after its last epoch, while it was tested or logged
+        restore_checkpoint(checkpoint, model, optimizer=False)
+        log.info("resuming after epoch %d, the last, from the checkpoint of run %s: only the test and the model's logging are left",
+                 stood["epoch"], tracker.run_id)
     # The best epoch's classifier, read as a resume reads it; the trainable rest on stored output shares its layers.
     epochs.finish(lambda path: restore_checkpoint(path, model, optimizer=False))
     return KerasModel(model, run.trainer.batch_size, epochs.history, shortcut if shortcut and shortcut.cut else None)
