@@ -18,6 +18,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -46,7 +47,7 @@ def main() -> None:
     model.fit(rng.uniform(0, 255, (8, args.size, args.size, 3)).astype(np.float32), rng.integers(0, 2, 8), epochs=1, verbose=0)
     times: dict[str, list[float]] = {}
 
-    def timed(name: str, step) -> None:
+    def timed(name: str, step: Callable[[], object]) -> None:
         start = time.perf_counter()
         step()
         times.setdefault(name, []).append(time.perf_counter() - start)

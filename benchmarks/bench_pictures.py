@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["Negative", "Positive"]
 
 
-def pictures(size: int) -> dict[str, Any]:
+def pictures(size: int) -> dict[str, Callable[[], Any]]:
     """Makers of each picture of a run on ``size`` px images: 40 test images, 2 epochs, 8 Grad-CAM examples."""
     import numpy as np
 
@@ -60,7 +61,11 @@ def pictures(size: int) -> dict[str, Any]:
 
 
 def seconds_per_picture(size: int, repeats: int) -> dict[str, float]:
-    """Median seconds of each picture over ``repeats``: built, drawn, quantised and written (Tracker.log_figure's way)."""
+    """Median seconds of each picture over ``repeats``: built, drawn, quantised and written.
+
+    The drawing and writing repeat Tracker.log_figure's steps, not call it: the other checkout of
+    ``--compare`` may draw another way, and no MLflow run is open here.
+    """
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from PIL import Image
@@ -86,7 +91,9 @@ def measure(checkout: Path, size: int, repeats: int) -> dict[str, float]:
     """:func:`seconds_per_picture` in a process running ``checkout``'s runner."""
     env = {**os.environ, "PYTHONPATH": str(checkout)}
     done = subprocess.run([sys.executable, __file__, "--size", str(size), "--repeats", str(repeats), "--json"], env=env,
-                          capture_output=True, text=True, check=True)
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"{checkout}: the measurement failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout)
 
 

@@ -77,3 +77,25 @@ def test_grad_cam_examples_take_each_class_in_turn_then_the_surest_mistakes():
     positive = np.array([0.1, 0.3, 0.8, 0.9, 0.6, 0.2])  # images 2 and 5 are wrong
     picked = pick_examples(labels, np.stack([1 - positive, positive], 1), per_kind=3)
     assert picked.tolist() == [0, 3, 1, 2, 5]  # correct: class 0, class 1, class 0 (surest first); wrong: 0.8, then 0.2
+
+
+def test_a_grid_keeps_long_titles_and_file_names_apart_and_inside_the_picture():
+    """Texts sized to their cells: long class names widen the cells, a long file name is shortened in the middle."""
+    from itertools import combinations
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    classes = ["Uncracked_concrete_surface_of_a_bridge", "Cracked_concrete_surface_of_a_bridge"]
+    names = ["a" * 150 + ".jpg", "short.jpg", "b/" * 40 + "c.jpg"]
+    images = np.zeros((3, 20, 40, 3), np.uint8)  # wider than high
+    for figure in (plots.misclassified_grid(images, np.array([0, 0, 1]), np.array([[0.1, 0.9], [0.2, 0.8], [0.7, 0.3]]), classes, names),
+                   plots.misclassified_grid(images[:1], np.array([0]), np.array([[0.1, 0.9]]), classes, names[:1])):  # one picture
+        canvas = FigureCanvasAgg(figure)
+        canvas.draw()
+        texts = [text for text in figure.axes[0].texts + figure.texts if text.get_text()]
+        boxes = [text.get_window_extent(canvas.get_renderer()) for text in texts]
+        assert all(figure.bbox.x0 <= box.x0 and box.x1 <= figure.bbox.x1 and figure.bbox.y0 <= box.y0 and box.y1 <= figure.bbox.y1
+                   for box in boxes), [t.get_text()[:40] for t, b in zip(texts, boxes)]
+        assert not [(a.get_text()[:30], b.get_text()[:30]) for (a, ba), (b, bb) in combinations(zip(texts, boxes), 2) if ba.overlaps(bb)]
+        assert any("…" in text.get_text() for text in texts)
+        plots.close(figure)

@@ -272,13 +272,23 @@ def image_grid(rows: list[list[GridCell]], cell: tuple[float, float], title: str
                title_lines: int = 1) -> Figure:
     """Pictures in rows, each with its title above and its file name below, drawn on one axes in inches.
 
-    One axes for the whole grid, not one per picture: axes per picture, laid out by
-    ``tight_layout``, were most of the time a run spent on its pictures, and every run draws a grid.
-    ``cell``: the (width, height) in inches each picture takes with its texts.
+    One axes for the whole grid, not one per picture: an axes per picture, laid out by
+    ``tight_layout``, costs more to build and draw than the pictures it holds, and every run draws a grid.
+    ``cell``: the least (width, height) in inches a picture takes with its texts, widened to its
+    longest title; a file name longer than its cell is shortened in the middle. ``title_size``:
+    the pictures' titles' font size (their file names one point smaller); ``row_labels``: a word
+    left of each row; ``title_lines``: the lines of the figure's ``title``.
     """
+    def inches(text: str, size: float) -> float:  # about what the default font needs (0.6 em a character)
+        return len(text) * 0.6 * size / 72
+
+    width_of_cell = max(cell[0], *(inches(p.title, title_size) + 0.2 for row in rows for p in row))
     left = 0.45 if row_labels else 0.1
     top = 0.2 + 0.22 * title_lines
-    width, height = left + cell[0] * max(len(row) for row in rows) + 0.1, top + cell[1] * len(rows)
+    title_size_pt = 12 if title_lines == 1 else 11
+    width = max(left + width_of_cell * max(len(row) for row in rows) + 0.1,
+                max(inches(line, title_size_pt) for line in title.splitlines()) + 0.4)
+    height = top + cell[1] * len(rows)
     fig = plt.figure(figsize=(width, height))
     ax = fig.add_axes((0, 0, 1, 1))
     ax.set_axis_off()
@@ -286,22 +296,24 @@ def image_grid(rows: list[list[GridCell]], cell: tuple[float, float], title: str
     ax.set_xlim(0, width)
     ax.set_ylim(height, 0)  # inches from the top left corner
     space_above, space_below = 0.3, 0.25  # for the title and the file name
+    room = max(int((width_of_cell - 0.3) / (0.7 * (title_size - 1) / 72)), 5)  # characters of a file name that surely fit its cell
     for r, row in enumerate(rows):
         y = top + r * cell[1]
         if row_labels:
             ax.text(left / 2, y + cell[1] / 2, row_labels[r], rotation=90, ha="center", va="center", fontsize=11)
         for c, picture in enumerate(row):
-            x = left + c * cell[0]
+            x = left + c * width_of_cell
             pixels = picture.pixels
-            side = min(cell[0] - 0.15, cell[1] - space_above - space_below - 0.05)  # the picture's longer side
+            side = min(width_of_cell - 0.15, cell[1] - space_above - space_below - 0.05)  # the picture's longer side
             w, h = (side, side * pixels.shape[0] / pixels.shape[1]) if pixels.shape[1] >= pixels.shape[0] else \
                 (side * pixels.shape[1] / pixels.shape[0], side)
-            x0, y0 = x + (cell[0] - w) / 2, y + space_above + (cell[1] - space_above - space_below - h) / 2
+            x0, y0 = x + (width_of_cell - w) / 2, y + space_above + (cell[1] - space_above - space_below - h) / 2
             ax.imshow(pixels, extent=(x0, x0 + w, y0 + h, y0), interpolation=PIXELS, aspect="auto")
             ax.add_patch(Rectangle((x0, y0), w, h, fill=False, linewidth=0.8, edgecolor="black"))
-            ax.text(x + cell[0] / 2, y0 - 0.06, picture.title, ha="center", va="bottom", fontsize=title_size, color=picture.colour)
-            ax.text(x + cell[0] / 2, y0 + h + 0.06, picture.name, ha="center", va="top", fontsize=title_size - 1, color="dimgrey")
-    fig.text(0.5, 1 - 0.12 / height, title, ha="center", va="top", fontsize=12 if title_lines == 1 else 11)
+            name = picture.name if len(picture.name) <= room else f"{picture.name[:(room - 1) // 2]}…{picture.name[-(room // 2):]}"
+            ax.text(x + width_of_cell / 2, y0 - 0.06, picture.title, ha="center", va="bottom", fontsize=title_size, color=picture.colour)
+            ax.text(x + width_of_cell / 2, y0 + h + 0.06, name, ha="center", va="top", fontsize=title_size - 1, color="dimgrey")
+    fig.text(0.5, 1 - 0.12 / height, title, ha="center", va="top", fontsize=title_size_pt)
     return fig
 
 
@@ -384,8 +396,9 @@ def gradcam_grid(
 ) -> Figure:
     """Test images with the Grad-CAM heatmap of their predicted class over them: a row of correct, a row of wrong ones.
 
-    ``heatmaps``: (N, H, W) in [0, 1], at the images' size. Red is where the evidence for the
-    predicted class lies; on a crack image it should be the crack.
+    ``images``: (N, H, W, 3), values 0..255 as the data sets hold them. ``heatmaps``: (N, H, W) in
+    [0, 1], at the images' size. Red is where the evidence for the predicted class lies; on a
+    crack image it should be the crack.
     """
     preds = probs.argmax(axis=1)
     shade = plt.get_cmap("jet")(heatmaps)[..., :3]  # the heatmap over the image at 45% opacity, as one picture
