@@ -297,6 +297,7 @@ def image_grid(rows: list[list[GridCell]], cell: tuple[float, float], title: str
     ax.set_ylim(height, 0)  # inches from the top left corner
     space_above, space_below = 0.3, 0.25  # for the title and the file name
     room = max(int((width_of_cell - 0.3) / (0.7 * (title_size - 1) / 72)), 5)  # characters of a file name that surely fit its cell
+    side = min(width_of_cell - 0.15, cell[1] - space_above - space_below - 0.05)  # a picture's longer side
     for r, row in enumerate(rows):
         y = top + r * cell[1]
         if row_labels:
@@ -304,7 +305,6 @@ def image_grid(rows: list[list[GridCell]], cell: tuple[float, float], title: str
         for c, picture in enumerate(row):
             x = left + c * width_of_cell
             pixels = picture.pixels
-            side = min(width_of_cell - 0.15, cell[1] - space_above - space_below - 0.05)  # the picture's longer side
             w, h = (side, side * pixels.shape[0] / pixels.shape[1]) if pixels.shape[1] >= pixels.shape[0] else \
                 (side * pixels.shape[1] / pixels.shape[0], side)
             x0, y0 = x + (width_of_cell - w) / 2, y + space_above + (cell[1] - space_above - space_below - h) / 2

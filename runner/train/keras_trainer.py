@@ -243,12 +243,16 @@ def read_checkpoint(path: Path) -> keras.Model:
 def resume_state(path: Path) -> dict[str, Any]:
     """Where the checkpoint's run stood: its last complete ``epoch``, its ``phase`` and the layers' random states (``rng``)."""
     with zipfile.ZipFile(path) as archive:
-        if RESUME_STATE not in archive.namelist():
-            raise ConfigError(
-                f"resume: the checkpoint {path.name} was written by a runner that could not resume Keras runs; "
-                "start the run anew (the same command without resume=...)."
-            )
-        state = json.loads(archive.read(RESUME_STATE))
+        return _resume_state(archive, path)
+
+
+def _resume_state(archive: zipfile.ZipFile, path: Path) -> dict[str, Any]:
+    if RESUME_STATE not in archive.namelist():
+        raise ConfigError(
+            f"resume: the checkpoint {path.name} was written by a runner that could not resume Keras runs; "
+            "start the run anew (the same command without resume=...)."
+        )
+    state = json.loads(archive.read(RESUME_STATE))
     if not (isinstance(state, dict) and isinstance(state.get("epoch"), int) and isinstance(state.get("phase"), str)
             and isinstance(state.get("rng"), list)):
         raise ValueError(f"its {RESUME_STATE} does not hold an epoch, a phase and random states")
@@ -266,8 +270,8 @@ def restore_checkpoint(path: Path, model: keras.Model, optimizer: bool) -> None:
     reads it from a plain file in one pass, where inside the archive it seeks through the zip stream.
     """
     try:
-        state = resume_state(path)
         with zipfile.ZipFile(path) as archive, tempfile.TemporaryDirectory(dir=path.parent, prefix=".restore-") as folder:
+            state = _resume_state(archive, path)
             weights = Path(folder, WEIGHTS)
             try:
                 with archive.open(WEIGHTS) as source, open(weights, "wb") as target:
@@ -321,7 +325,7 @@ def fit(run: RunConfig, data: DataSplits, tracker: Tracker, epochs: Epochs, resu
     weights = class_weights(data.train.labels, data.classes, run.trainer.class_weights, tracker)
     checkpoint = resume_from / CHECKPOINT if resume_from else None
     stood = resume_state(checkpoint) if checkpoint else {"epoch": 0}
-    epochs.rewind(int(stood["epoch"]), resume_from)
+    epochs.rewind(stood["epoch"], resume_from)
     for number, phase in enumerate(phases, start=1):
         left = epochs.left(phase.name, phase.epochs)
         if left == 0:  # completed (or stopped early) before the interruption
