@@ -66,10 +66,11 @@ class Mounts:
         return path
 
     def undo(self) -> None:
-        gc.collect()  # memory maps of files there
         for path in reversed(self.made):
             if subprocess.run(["umount", str(path)], capture_output=True).returncode:
-                subprocess.run(["umount", "--lazy", str(path)], check=True)
+                gc.collect()  # busy: a memory map of a file there may wait for the collector (seconds in a worker that holds Keras models)
+                if subprocess.run(["umount", str(path)], capture_output=True).returncode:
+                    subprocess.run(["umount", "--lazy", str(path)], check=True)
 
 
 @pytest.fixture

@@ -2,8 +2,9 @@
 
 Tiny ResNet50 runs (random init, 32 px, a few dozen images; VGG16, which builds faster, where the
 backbone does not matter) with ``trainer.cache_frozen_features`` on and off, from the same seed: the
-same predictions and epoch metrics within float tolerance; a second run reads every output from the
-store. The store's keys and eviction on a tiny model.
+same predictions and epoch metrics within float tolerance. The store's keys and eviction on a tiny
+model. (A run that finds every output in the store computes none and gets the same results: the
+ResNet50 resume test in tests/test_reliability.py, whose uninterrupted run reads what the others stored.)
 """
 
 from __future__ import annotations
@@ -126,14 +127,6 @@ def test_training_on_cached_frozen_features_equals_training_through_the_frozen_l
     store = tmp_path / "store"
     assert sorted(len(list(folder.glob("*.npy"))) for folder in store.iterdir()) == [2, 3]
     assert not list(store.glob("*/*.partial.npy"))
-
-    # Run again: every frozen output is read from the store, none computed, and the results are the same.
-    computed: list[str] = []
-    monkeypatch.setattr(feature_store, "compute", lambda *args: computed.append(args[4]))
-    again, again_tracker, _ = train(make_cfg, tmp_path / "again", True, *overrides)
-    assert computed == []
-    np.testing.assert_array_equal(again, cached)
-    assert [{k: v for k, v in h.items() if k != "phase"} for h in again_tracker.history] == cached_tracker.history  # phases popped above
 
 
 @pytest.mark.slow

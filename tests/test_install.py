@@ -43,12 +43,36 @@ def outside(site: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
+# ``python -c RUNNER_THEN_IMPORTS <arguments>`` is ``python -m runner <arguments>`` whose last line on stderr names the
+# heavy packages it imported, whether it ended well or not.
+HEAVY = ("torch", "tensorflow", "keras", "mlflow", "sklearn")
+RUNNER_THEN_IMPORTS = (
+    "import runpy, sys\n"
+    "try:\n"
+    "    runpy.run_module('runner', run_name='__main__', alter_sys=True)\n"
+    "finally:\n"
+    f"    sys.__stderr__.write('imported: ' + ','.join(m for m in {HEAVY!r} if m in sys.modules) + '\\n')\n"
+)
+
+
+def imported(result: subprocess.CompletedProcess) -> list[str]:
+    """The heavy packages a ``RUNNER_THEN_IMPORTS`` command imported."""
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("imported: ")]
+    return [name for name in line.removeprefix("imported: ").split(",") if name]
+
+
 def test_the_wheel_runs_from_any_folder_beside_hugging_faces_datasets(installed, tmp_path):
-    where = outside(installed, tmp_path, "-c", "import runner, crack_runner.datasets as d; print(runner.__file__); print(d.__file__)")
+    # The commands that load a logged model split no data: scikit-learn's second of imports is not theirs to pay.
+    where = outside(installed, tmp_path, "-c", "import importlib.util, sys, runner.predict, runner.inspect, runner.export\n"
+                    "print(runner.__file__, importlib.util.find_spec('crack_runner.datasets').origin, 'sklearn' in sys.modules)")
     assert where.returncode == 0, where.stderr[-2000:]
-    assert all(line.startswith(str(installed)) for line in where.stdout.split()), where.stdout  # the wheel's files, not the repo's
-    helped = outside(installed, tmp_path, "-m", "runner", "--help")
+    *files, sklearn = where.stdout.split()
+    assert all(file.startswith(str(installed)) for file in files), where.stdout  # the wheel's files, not the repo's
+    assert sklearn == "False"
+    helped = outside(installed, tmp_path, "-c", RUNNER_THEN_IMPORTS, "--help")
     assert helped.returncode == 0 and "model=resnet50 freeze_depth=140" in helped.stdout, helped.stderr[-2000:]
-    ran = outside(installed, tmp_path, "-m", "runner", *TINY, "trainer.epochs=1", "tracking.system_metrics=false")
+    assert imported(helped) == []  # no framework, no MLflow
+    ran = outside(installed, tmp_path, "-c", RUNNER_THEN_IMPORTS, *TINY, "trainer.epochs=1", "tracking.system_metrics=false")
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert "test_accuracy" in ran.stdout and (tmp_path / "mlflow.db").exists() and (tmp_path / "mlruns").is_dir()
+    assert "torch" in imported(ran) and not {"tensorflow", "keras"} & set(imported(ran))  # only the framework of the run's model

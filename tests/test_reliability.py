@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -148,8 +149,14 @@ def assert_same_run_as_uninterrupted(uri: str, run_id: str, reference_uri: str) 
 
 
 @pytest.mark.long
-def test_keras_run_interrupted_in_each_phase_resumes_to_the_uninterrupted_metrics(store, uninterrupted, cli, signal_at):
-    """On the stored frozen features (the default): SIGTERM in the head phase, resumed; SIGINT in the fine-tune phase, resumed again."""
+def test_keras_run_interrupted_in_each_phase_resumes_to_the_uninterrupted_metrics(store, uninterrupted, cli, signal_at, monkeypatch):
+    """On the stored frozen features (the default): SIGTERM in the head phase, resumed; SIGINT in the fine-tune phase, resumed again.
+    The uninterrupted run, started last, reads every frozen output from the store the others filled (none computed again)."""
+    from runner.train.frozen import store as feature_store
+
+    computed: list[str] = []  # the frozen layers' passes over a split, by their progress label
+    compute = feature_store.compute
+    monkeypatch.setattr(feature_store, "compute", lambda *args: computed.append(args[4]) or compute(*args))
     signal_at(1, signal.SIGTERM)
     run_id = assert_killed(store["uri"], cli(*KERAS), epochs=1)
     signal_at(3, signal.SIGINT)
@@ -160,7 +167,10 @@ def test_keras_run_interrupted_in_each_phase_resumes_to_the_uninterrupted_metric
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming after epoch 3 (fine_tune phase)" in resumed.stderr
 
-    assert_same_run_as_uninterrupted(store["uri"], run_id, uninterrupted(KERAS))
+    computed.clear()
+    reference = uninterrupted(KERAS)
+    assert computed == []
+    assert_same_run_as_uninterrupted(store["uri"], run_id, reference)
 
 
 VGG = ["model=vgg16", "model.weights=null", "freeze_depth=15", "fine_tune_lr=0.001", "trainer.epochs=2", "trainer.fine_tune_epochs=2"]
@@ -252,6 +262,8 @@ def test_sweep_interrupted_in_its_second_job_resumes_each_job_once_under_the_sam
     epochs = 40 if kind == "joblib" else 3  # joblib: long enough to be signalled mid-training
     long = [f"trainer.epochs={epochs}"]
     if kind == "joblib":
+        long.append("trainer.num_threads=null")  # each job's share of the cores: all of them alone, half beside another worker's job
+    if kind == "joblib":
         def second_job_checkpoint() -> bool:  # the first job's were deleted when it FINISHED: a checkpoint now is the second's
             return len(list(artifacts.glob("*/artifacts/history.json"))) >= 2 and checkpoint_logged(artifacts)()
 
@@ -277,5 +289,10 @@ def test_sweep_interrupted_in_its_second_job_resumes_each_job_once_under_the_sam
     assert jobs["0"].info.end_time == first.info.end_time and "resumed_with" not in jobs["0"].data.tags  # untouched
     assert jobs["1"].info.run_id == second.info.run_id and "resumed_with" in jobs["1"].data.tags  # continued
     assert jobs["1"].data.params["optimizer.lr"] == second.data.params["optimizer.lr"]
-    steps = [m.step for m in mlflow.MlflowClient(store["uri"]).get_metric_history(second.info.run_id, "train_loss")]
+    client = mlflow.MlflowClient(store["uri"])
+    steps = [m.step for m in client.get_metric_history(second.info.run_id, "train_loss")]
     assert sorted(steps) == list(range(1, epochs + 1))  # each epoch once
+    assert len(client.get_metric_history(jobs["2"].info.run_id, "val_loss")) == epochs
+    assert not [n for n, j in jobs.items() if client.list_artifacts(j.info.run_id, "checkpoints")]  # FINISHED: only a resume needed them
+    if kind == "joblib":  # the third job ran in one of the n_jobs=2 worker processes: half the cores
+        assert jobs["2"].data.params["trainer.num_threads"] == str(max(1, (os.cpu_count() or 1) // 2))
