@@ -59,8 +59,7 @@ def signal_at(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
 
     For a command run in this interpreter (the ``cli`` fixture), whose handlers are the runner's:
     the signal reaches the same handler as one from a terminal, at a known epoch instead of a
-    moment a test waits for. A signal from another process is tested by the linear run below
-    and by the joblib sweep.
+    moment a test waits for. A signal from another process is tested by the linear run below.
     """
     targets: list[list[int]] = []  # [step, signal, times left to see the step]
     end = Epochs.end
@@ -255,24 +254,16 @@ SWEEPS = {  # three jobs, the first resumed by another launcher than the one tha
 
 
 @pytest.mark.parametrize("kind", [pytest.param(k, marks=pytest.mark.long) if k == "joblib" else k for k in SWEEPS])  # joblib: processes
-def test_sweep_interrupted_in_its_second_job_resumes_each_job_once_under_the_same_parent(kind, store, data_cache, tmp_path, cli, signal_at):
-    """The joblib sweep is signalled from outside, as a terminal would (its jobs run in worker processes); the others in this process."""
+def test_sweep_interrupted_in_its_second_job_resumes_each_job_once_under_the_same_parent(kind, store, cli, signal_at):
+    """Each sweep signalled in this process, through the runner's own handler (a signal from another process: the linear run
+    above); the joblib kind resumes in worker processes."""
     sweep, resume_with = SWEEPS[kind]
-    artifacts = Path(store["artifacts"])
-    epochs = 40 if kind == "joblib" else 3  # joblib: long enough to be signalled mid-training
+    epochs = 3
     long = [f"trainer.epochs={epochs}"]
     if kind == "joblib":
-        long.append("trainer.num_threads=null")  # each job's share of the cores: all of them alone, half beside another worker's job
-    if kind == "joblib":
-        def second_job_checkpoint() -> bool:  # the first job's were deleted when it FINISHED: a checkpoint now is the second's
-            return len(list(artifacts.glob("*/artifacts/history.json"))) >= 2 and checkpoint_logged(artifacts)()
-
-        env = services.runner_env(store["uri"], data_cache)
-        cmd = runner_command(store["artifacts"], "-m", *sweep, *long)
-        result = start_and_interrupt(env, cmd, tmp_path, second_job_checkpoint, signal.SIGTERM)
-    else:
-        signal_at(1, signal.SIGTERM, nth=2)  # the second job's first epoch
-        result = cli("-m", *sweep, *long)
+        long.append("trainer.num_threads=null")  # each job's share of the cores: all of them alone, half in one of two workers
+    signal_at(1, signal.SIGTERM, nth=2)  # the second job's first epoch
+    result = cli("-m", *sweep, *long)
     assert result.returncode == 130, result.stderr[-3000:]
     parent, jobs = sweep_jobs(store["uri"])
     assert parent.info.status == "KILLED" and f"resume={parent.info.run_id}" in result.stderr
