@@ -9,12 +9,14 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Literal
 
 import mlflow
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+import forked
 import services
 from runner.config.schema import register_schemas
 
@@ -161,16 +163,20 @@ def cli(store: dict[str, str], data_cache: Path, tmp_path: Path) -> Callable[...
     """Run ``python -m runner`` in tmp against the tmp store (``env``: more variables).
 
     In this interpreter (services.run_in_process: the same entry point, without a second's
-    imports per call); ``process=True`` starts a fresh interpreter, for what only a process
-    shows (which modules it imports, native libraries' output, signals), within ``timeout`` seconds.
+    imports per call); ``process="forked"``: a process of its own forked with the libraries
+    already imported (tests/forked.py), for what needs one (signals, state that outlives the
+    command); ``process="fresh"``: a fresh interpreter, for what only that shows (which modules
+    it imports, native libraries' output). Either within ``timeout`` seconds.
     """
 
     def _run(*args: str, tiny: bool = True, timeout: float = 600, env: dict[str, str] | None = None,
-             process: bool = False) -> subprocess.CompletedProcess:
+             process: Literal["forked", "fresh"] | None = None) -> subprocess.CompletedProcess:
         env = {**services.runner_env(store["uri"], data_cache), **(env or {})}
         cmd = runner_command(store["artifacts"], *args, tiny=tiny)
-        if not process:
+        if process is None:
             return services.run_in_process(cmd[3:], tmp_path, env)  # its arguments, after python -m runner
+        if process == "forked":
+            return forked.run("runner", cmd[3:], tmp_path, env, timeout)
         return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
 
     return _run

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import sqlite3
-import subprocess
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,20 +11,19 @@ from types import SimpleNamespace
 import mlflow
 import pytest
 
+import forked
 import services
 from conftest import runner_command
 
 pytestmark = pytest.mark.slow
 
 
-def start(store: dict, data_cache: Path, cwd: Path, *args: str) -> subprocess.Popen:
-    """``python -m runner`` in the background against the tmp store (flags such as -m first)."""
-    env = services.runner_env(store["uri"], data_cache)
-    return subprocess.Popen(runner_command(store["artifacts"], *args), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+def start(store: dict, data_cache: Path, cwd: Path, *args: str) -> forked.Forked:
+    """``python -m runner`` in the background, a process of its own, against the tmp store (flags such as -m first)."""
+    return forked.start("runner", runner_command(store["artifacts"], *args)[3:], cwd, services.runner_env(store["uri"], data_cache))
 
 
-def finish(procs: list[subprocess.Popen]) -> list[str]:
+def finish(procs: list[forked.Forked]) -> list[str]:
     """Wait for every process; assert each succeeded; return their stderr."""
     errs = []
     for proc in procs:

@@ -14,6 +14,7 @@ import mlflow
 import numpy as np
 import pytest
 
+import forked
 import services
 from conftest import TINY, runner_command
 from crack_runner.datasets import integrity
@@ -47,7 +48,7 @@ def test_doctor_reports_then_closes_a_killed_run_and_removes_only_unused_leftove
     cache = tmp_path / "cache"
     env = services.runner_env(store["uri"])
     cmd = runner_command(store["artifacts"], "trainer.epochs=200", f"dataset.cache_dir={cache}")
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = forked.start("runner", cmd[3:], tmp_path, env)
     deadline = time.monotonic() + 300
     while not any(Path(store["artifacts"]).glob("*/artifacts/checkpoints/last.pt")):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]

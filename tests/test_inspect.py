@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+import forked
 import runner.inspect as inspect_command
 import services
 from crack_runner.datasets import photos
@@ -220,9 +221,8 @@ def test_inspect_log_records_a_run_and_a_kill_leaves_it_killed(trained, tmp_path
     for n in range(10):  # enough photos that a SIGTERM sent when the first is done finds it mid-way (it once came after the last of six)
         photos.write_photo(tmp_path / "many" / f"{n}.jpg", *render_photo(10 + n, 1200, 900, cracks=1))
     env = services.runner_env(trained["uri"])
-    proc = subprocess.Popen([sys.executable, "-m", "runner.inspect", trained["run_id"], str(tmp_path / "many"), "--out", str(tmp_path / "o"), "--log",
-                             "--batch-size", "4"],  # small batches: seconds a photo, so the signal lands mid-way
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = [trained["run_id"], str(tmp_path / "many"), "--out", str(tmp_path / "o"), "--log", "--batch-size", "4"]  # small batches: seconds a
+    proc = forked.start("runner.inspect", args, tmp_path, env)  # photo, so the signal lands mid-way
     deadline = time.monotonic() + 300
     while not (tmp_path / "o" / "0" / "summary.json").exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
@@ -235,7 +235,7 @@ def test_inspect_log_records_a_run_and_a_kill_leaves_it_killed(trained, tmp_path
 
     # Killed outright, no handler runs: the run stays RUNNING until runner.doctor finds its process gone.
     shutil.rmtree(tmp_path / "o")
-    proc = subprocess.Popen(proc.args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = forked.start("runner.inspect", args, tmp_path, env)
     while not (tmp_path / "o" / "0" / "summary.json").exists():
         assert proc.poll() is None and time.monotonic() < deadline + 300, proc.communicate()[1][-3000:]
         time.sleep(0.05)

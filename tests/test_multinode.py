@@ -92,7 +92,7 @@ def test_pruned_search_with_free_running_workers_on_a_two_node_ray_cluster(cli, 
                      f"tracking.uri={server.url}", "tracking.experiment=cluster", "+experiment=optuna_linear", "hydra.sweeper.n_trials=2",
                      "sweep.workers=2", "sweep.pruner=median", f"sweep.storage={server.db.uri('optuna')}",
                      env={**cluster.env, **server.credentials(), **database, "CRACK_RUNNER_DATA": str(tmp_path / "driver-data")},
-                     process=True)  # Ray's driver state outlives the command: not in the test's process
+                     process="forked")  # Ray's driver state outlives the command: not in the test's process
     finally:
         cluster.stop()
     assert result.returncode == 0, result.stderr[-5000:]

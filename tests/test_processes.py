@@ -11,7 +11,6 @@ import ctypes
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 import zipfile
@@ -23,6 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import forked
 import services
 from crack_runner.datasets import concrete_cracks, stopping
 from crack_runner.datasets.folder import decode_into
@@ -93,9 +93,8 @@ class Runner:
         self.uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
         self.stderr = tmp_path / "stderr.txt"
         env = services.runner_env(self.uri, self.data)
-        command = [sys.executable, "-m", "runner", "trainer.progress=false", f"tracking.artifact_root={tmp_path / 'mlruns'}", *overrides]
-        with open(tmp_path / "stdout.txt", "w") as out, open(self.stderr, "w") as err:
-            self.proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out, stderr=err, start_new_session=True)
+        args = ["trainer.progress=false", f"tracking.artifact_root={tmp_path / 'mlruns'}", *overrides]
+        self.proc = forked.start("runner", args, tmp_path, env, tmp_path / "stdout.txt", self.stderr)
 
     def wait_for(self, pattern: str, timeout: float = 120) -> None:
         """Until a file under the data folder matches ``pattern`` (the stage to interrupt has begun)."""

@@ -16,6 +16,7 @@ import mlflow
 import pytest
 import torch
 
+import forked
 import services
 from conftest import runner_command
 from runner.app import run
@@ -41,7 +42,7 @@ def checkpoint_logged(artifacts: Path) -> Callable[[], bool]:
 
 def start_and_interrupt(cli_env: dict, cmd: list[str], cwd: Path, ready: Callable[[], bool], sig: int) -> subprocess.CompletedProcess:
     """Start the runner, wait until ``ready()`` (e.g. its first checkpoint), then send ``sig`` (mid-training)."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = forked.start("runner", cmd[3:], cwd, cli_env)
     deadline = time.monotonic() + 600
     while not ready():
         assert proc.poll() is None, proc.communicate()[1][-3000:]

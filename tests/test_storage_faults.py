@@ -14,6 +14,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
+import forked
 import services
 from conftest import runner_command
 
@@ -88,7 +89,7 @@ def test_store_that_fills_mid_run_is_closed_by_the_next_run(mount, cli, store, d
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     env = services.runner_env(uri, data_cache)
     cmd = runner_command(store["artifacts"], "trainer.epochs=300")
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = forked.start("runner", cmd[3:], tmp_path, env)
     deadline = time.monotonic() + 300
     while not any(Path(store["artifacts"]).glob("*/artifacts/checkpoints/last.pt")):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]

@@ -94,7 +94,7 @@ def test_ray_launcher_runs_two_jobs(cli, store):
     # two-node cluster test in tests/test_multinode.py runs jobs side by side).
     result = cli("-m", "hydra/launcher=ray", "+hydra.launcher.ray.init.num_cpus=1", "+hydra.launcher.ray.init.include_dashboard=false",
                  "optimizer.lr=0.01,0.001", "trainer.num_threads=null",
-                 process=True)  # Ray's driver state outlives the command: not in the test's process
+                 process="forked")  # Ray's driver state outlives the command: not in the test's process
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = assert_grouped(store["uri"], 2)
     assert {j.data.params["trainer.num_threads"] for j in jobs} == {"1"}  # one core per Ray task
