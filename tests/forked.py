@@ -39,8 +39,9 @@ def _forkserver() -> multiprocessing.context.ForkServerContext:
     return _context
 
 
-def _main(module: str, args: list[str], cwd: str, env: dict[str, str], out: str, err: str) -> None:
-    """The child: what ``python -m module *args`` does after its imports, then exit as the interpreter would."""
+def _main(program: tuple[str, str], args: list[str], cwd: str, env: dict[str, str], out: str, err: str) -> None:
+    """The child: what ``python -m module *args`` (``program`` ("-m", module)) or ``python -c code *args`` (("-c", code))
+    does after its imports, then exit as the interpreter would."""
     os.setsid()  # a session and process group of its own, as Popen(start_new_session=True) gives
     for fd, path in ((1, out), (2, err)):
         target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
@@ -51,10 +52,14 @@ def _main(module: str, args: list[str], cwd: str, env: dict[str, str], out: str,
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
-    sys.argv = [module, *args]
+    flag, name = program
+    sys.argv = [name if flag == "-m" else "-c", *args]
     code = 0
     try:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        if flag == "-m":
+            runpy.run_module(name, run_name="__main__", alter_sys=True)
+        else:
+            exec(compile(name, "<string>", "exec"), {"__name__": "__main__"})  # noqa: S102 - the test's own code, as python -c runs it
     except SystemExit as stop:
         code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
         if not isinstance(stop.code, int | None):
@@ -78,12 +83,12 @@ def _main(module: str, args: list[str], cwd: str, env: dict[str, str], out: str,
 class Forked:
     """The parts of subprocess.Popen the tests use, for a forked ``python -m``: output read once it has ended."""
 
-    def __init__(self, module: str, args: list[str], cwd: Path, env: dict[str, str], stdout: Path | None = None,
+    def __init__(self, program: tuple[str, str], args: list[str], cwd: Path, env: dict[str, str], stdout: Path | None = None,
                  stderr: Path | None = None) -> None:
-        self.args = [sys.executable, "-m", module, *args]
+        self.args = [sys.executable, *program, *args]
         folder = Path(tempfile.mkdtemp(prefix="forked-")) if stdout is None or stderr is None else None
         self._out, self._err = str(stdout or folder / "stdout"), str(stderr or folder / "stderr")  # type: ignore[operator]
-        self._process = _forkserver().Process(target=_main, args=(module, list(args), str(cwd), dict(env), self._out, self._err), daemon=False)
+        self._process = _forkserver().Process(target=_main, args=(program, list(args), str(cwd), dict(env), self._out, self._err), daemon=False)
         self._process.start()
         self.pid: int = self._process.pid  # type: ignore[assignment]
         _started.append(self)
@@ -127,12 +132,20 @@ def _kill_the_rest() -> None:
 def start(module: str, args: list[str], cwd: Path, env: dict[str, str], stdout: Path | None = None, stderr: Path | None = None) -> Forked:
     """``python -m module *args`` in ``cwd`` with exactly ``env``, running in the background, its output in files
     (``stdout``, ``stderr``; by default a temporary folder's), read by :meth:`Forked.communicate`."""
-    return Forked(module, args, cwd, env, stdout, stderr)
+    return Forked(("-m", module), args, cwd, env, stdout, stderr)
 
 
 def run(module: str, args: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-    """:func:`start` it and wait for its end, as subprocess.run does (killed if it outlasts ``timeout`` seconds)."""
-    child = start(module, args, cwd, env)
+    """``python -m module *args`` to its end, as subprocess.run runs it (killed if it outlasts ``timeout`` seconds)."""
+    return _to_end(Forked(("-m", module), args, cwd, env), timeout)
+
+
+def run_code(code: str, args: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """``python -c code *args`` to its end, as :func:`run`."""
+    return _to_end(Forked(("-c", code), args, cwd, env), timeout)
+
+
+def _to_end(child: Forked, timeout: float) -> subprocess.CompletedProcess:
     try:
         child.wait(timeout)
     except subprocess.TimeoutExpired:
