@@ -189,7 +189,7 @@ def mlflow_server(tmp_path: Path) -> Iterator[Callable[..., str]]:
     Arguments are the store options, e.g. ``--backend-store-uri sqlite:///... --artifacts-destination DIR``.
     Each server runs in its own process group, stopped with its workers whatever happens.
     """
-    servers: list[subprocess.Popen] = []
+    servers: list[forked.Forked] = []
 
     def start(*store_args: str, timeout: float = 90) -> str:
         try:

@@ -44,6 +44,9 @@ def _main(program: tuple[str, str], args: list[str], cwd: str, env: dict[str, st
     does after its imports, then exit as the interpreter would."""
     os.setsid()  # a session and process group of its own, as Popen(start_new_session=True) gives
     for fd, path in ((1, out), (2, err)):
+        if fd == 2 and err == out:  # both into one file, as stderr=subprocess.STDOUT gives
+            os.dup2(1, 2)
+            continue
         target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(target, fd)
         os.close(target)

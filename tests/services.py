@@ -33,6 +33,8 @@ from pathlib import Path
 
 import requests
 
+import forked
+
 RUNNER_USER = "runner"  # the account that jobs log in as
 # The system's temporary folder: short, and open to other users (the tests' own temporary files
 # go under pytest's folder, which only root may enter: conftest.temp_under_pytest).
@@ -55,7 +57,7 @@ def runner_env(tracking_uri: str, data: Path | str | None = None) -> dict[str, s
     return {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, **({"CRACK_RUNNER_DATA": str(data)} if data is not None else {})}
 
 
-def wait_until(ready: Callable[[], bool], process: subprocess.Popen, what: str, log: Path, timeout: float) -> None:
+def wait_until(ready: Callable[[], bool], process: subprocess.Popen | forked.Forked, what: str, log: Path, timeout: float) -> None:
     """Poll ``ready`` until it holds; fail with the log's tail if ``process`` exits or time runs out."""
     deadline = time.monotonic() + timeout
     while not ready():
@@ -66,8 +68,8 @@ def wait_until(ready: Callable[[], bool], process: subprocess.Popen, what: str, 
         time.sleep(0.3)
 
 
-def stop(process: subprocess.Popen, grace: float = 5) -> None:
-    """SIGTERM the process group of ``process`` (started with start_new_session), SIGKILL it if it lingers ``grace`` seconds
+def stop(process: subprocess.Popen | forked.Forked, grace: float = 5) -> None:
+    """SIGTERM the process group of ``process`` (started with start_new_session, or forked), SIGKILL it if it lingers ``grace`` seconds
     (0: SIGKILL at once)."""
     try:
         if grace > 0:
@@ -90,16 +92,18 @@ def answers(url: str) -> bool:
         return False
 
 
-def start_mlflow_server(log: Path, *store_args: str, env: dict[str, str] | None = None, timeout: float = 90) -> tuple[subprocess.Popen, str]:
-    """``mlflow server`` on 127.0.0.1 at a free port with ``store_args``; returns the process and its URL."""
+def start_mlflow_server(log: Path, *store_args: str, env: dict[str, str] | None = None, timeout: float = 90) -> tuple[forked.Forked, str]:
+    """``mlflow server`` on 127.0.0.1 at a free port with ``store_args``, in a session of its own; returns the process and its URL.
+
+    Forked with MLflow already imported (tests/forked.py); the server's own worker is a fresh interpreter that MLflow starts.
+    """
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *store_args]
+    args = ["server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *store_args]
     # MLflow's job execution (a pool of huey consumer processes for its GenAI jobs) is off: no run of this project uses it.
     full_env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
                 **(env or {})}
-    with open(log, "w") as out:
-        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+    server = forked.start("mlflow", args, Path.cwd(), full_env, stdout=log, stderr=log)
     try:
         wait_until(lambda: answers(url), server, "mlflow server", log, timeout)
     except RuntimeError:
@@ -190,7 +194,7 @@ def start_postgres(pgpass_dir: Path) -> Postgres:
 class AuthServer:
     """An MLflow server with the basic-auth app on PostgreSQL, artifacts proxied; a user for the jobs."""
 
-    process: subprocess.Popen
+    process: forked.Forked
     url: str
     db: Postgres
     admin_password: str

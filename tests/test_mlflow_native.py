@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -18,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import forked
 from conftest import ARTIFACTS
 from crack_runner import datasets
 from runner import compare, predict
@@ -99,13 +98,13 @@ def test_experiments_are_tagged_for_model_training_unless_a_kind_was_chosen(stor
     assert kinds == {new: EXPERIMENT_KIND, older: EXPERIMENT_KIND, agents: "genai_development"}
 
 
-def serve(model_uri: str, tracking_uri: str, cwd: Path, timeout: float = 180) -> tuple[subprocess.Popen, str]:
-    """``mlflow models serve -m MODEL_URI`` on a free loopback port; returns the process and its URL once it answers."""
+def serve(model_uri: str, tracking_uri: str, cwd: Path, timeout: float = 180) -> tuple[forked.Forked, str]:
+    """``mlflow models serve -m MODEL_URI`` on a free loopback port, in a session of its own (forked with MLflow imported,
+    tests/forked.py; its scoring server a fresh interpreter); returns the process and its URL once it answers."""
     port = free_port()
-    log = open(cwd / "serve.log", "w")
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "-p", str(port), "--env-manager", "local"]
+    args = ["models", "serve", "-m", model_uri, "-p", str(port), "--env-manager", "local"]
     env = {**runner_env(tracking_uri), "MLFLOW_DISABLE_TELEMETRY": "true"}
-    server = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = forked.start("mlflow", args, cwd, env, stdout=cwd / "serve.log", stderr=cwd / "serve.log")
     url = f"http://127.0.0.1:{port}"
     direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     deadline = time.monotonic() + timeout
