@@ -112,7 +112,7 @@ def train_and_evaluate(
     epochs = Epochs(tracker, folder / "checkpoints" / trainer.CHECKPOINT, history, EpochPolicy.of(run_cfg.trainer), run_cfg.trainer.keep_checkpoints,
                     pruning)
     model = trainer.fit(run_cfg, data, tracker, epochs, resume_from)
-    metrics = evaluate_and_log(model, data, tracker, epochs.selected)
+    metrics = evaluate_and_log(model, data, tracker, epochs.selected, run_cfg.tracking.pictures)
     tracker.model_metadata["classes"] = data.classes
     model.log_model(tracker, data.train.images[:2].astype(np.float32))  # 2: a batch axis torch.export keeps dynamic
     return metrics

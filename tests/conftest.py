@@ -39,6 +39,10 @@ TINY = [
     # with the other worker's run for the same cores (the tests of how cores are divided set it back to null).
     "trainer.num_threads=1",
     "export.onnx=false",  # made by default for the linear model; tests/test_export.py makes and checks them
+    # A tiny run's pictures take longer than its training, and its system metrics sample a machine the tests keep busy:
+    # the tests of those (tests/test_results.py, test_explain.py, test_mlflow_native.py, test_ui.py ...) turn them on.
+    "tracking.pictures=false",
+    "tracking.system_metrics=false",
 ]
 
 

@@ -47,7 +47,7 @@ def logged_pictures(client: mlflow.MlflowClient, framework: str) -> tuple[mlflow
 
 
 def test_a_linear_run_logs_pr_calibration_and_its_weights(make_cfg, client):
-    run(make_cfg())
+    run(make_cfg("tracking.pictures=true"))
     found, _ = logged_pictures(client, "linear")
     curves = mlflow.artifacts.load_dict(f"{found.info.artifact_uri}/curves.json")
     (positive,) = curves["classes"]  # binary: the positive class only

@@ -178,7 +178,8 @@ def test_command_line_resnet50_run_in_a_pipe_is_quiet_tracked_like_linear_and_ne
     start.save_weights(weights)
     monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")  # the run lists every module it imports on stderr
     # A process: TensorFlow's native libraries write to its stderr. Progress asked for, but not a terminal.
-    result = cli("model=resnet50", f"model.weights={weights}", "freeze_depth=150", "trainer.progress=true", process="fresh")
+    result = cli("model=resnet50", f"model.weights={weights}", "freeze_depth=150", "trainer.progress=true", "tracking.pictures=true",
+                 process="fresh")
     imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
     logs = "\n".join(line for line in result.stderr.splitlines() if not line.startswith("import time:"))
     assert result.returncode == 0, logs[-3000:]

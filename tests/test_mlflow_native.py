@@ -38,7 +38,7 @@ def runs_by_start(client: mlflow.MlflowClient) -> list[mlflow.entities.Run]:
 
 def test_runs_log_their_splits_as_shared_datasets_and_system_metrics(make_cfg, client):
     # An interval far longer than the run: the run still gets its sample (at its end) and does not wait for one.
-    run(make_cfg("optimizer.lr=0.01", "tracking.system_metrics_interval=600"))
+    run(make_cfg("optimizer.lr=0.01", "tracking.system_metrics=true", "tracking.system_metrics_interval=600"))
     run(make_cfg("optimizer.lr=0.001", "tracking.system_metrics=false"))
     first, second = runs_by_start(client)
     root = datasets.resolve_root(to_run_config(make_cfg()).dataset)

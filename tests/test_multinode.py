@@ -91,6 +91,7 @@ def test_pruned_search_with_free_running_workers_on_a_two_node_ray_cluster(cli, 
         result = cli("-m", "hydra/launcher=ray_cluster", f"hydra.launcher.ray.init.address={cluster.address}",
                      f"tracking.uri={server.url}", "tracking.experiment=cluster", "+experiment=optuna_linear", "hydra.sweeper.n_trials=2",
                      "sweep.workers=2", "sweep.pruner=median", f"sweep.storage={server.db.uri('optuna')}",
+                     "tracking.pictures=true",  # binary artifacts through the server
                      env={**cluster.env, **server.credentials(), **database, "CRACK_RUNNER_DATA": str(tmp_path / "driver-data")},
                      process="forked")  # Ray's driver state outlives the command: not in the test's process
     finally:

@@ -44,7 +44,9 @@ def predict_cli(store: dict[str, str], cwd: Path, *args: str) -> subprocess.Comp
     return services.run_in_process(list(args), cwd, services.runner_env(store["uri"]), "runner.predict")
 
 
-def test_a_run_logs_readable_plots_and_json(finished_run):
+def test_a_run_logs_readable_plots_and_json(make_cfg, client):
+    run(make_cfg("optimizer.lr=0.001", "tracking.pictures=true"))
+    (finished_run,) = client.search_runs(client.get_experiment_by_name("crack-classification").experiment_id)
     run_id, logged = finished_run.info.run_id, finished_run.data.metrics
     for name, (min_width, min_height) in PLOTS.items():
         with Image.open(artifact(run_id, name)) as image:
@@ -60,6 +62,11 @@ def test_a_run_logs_readable_plots_and_json(finished_run):
     assert len(records) == int(finished_run.data.params["num_test"])
     assert np.mean([r["true"] == r["predicted"] for r in records]) == pytest.approx(logged["test_accuracy"])
     assert all(0.5 <= r["probability"] <= 1.0 for r in records)  # the top class of two
+
+
+def test_a_run_without_pictures_logs_the_numbers_behind_them(finished_run, client):
+    logged = {a.path for a in client.list_artifacts(finished_run.info.run_id)}  # the tests' runs: tracking.pictures=false
+    assert "plots" not in logged and {"curves.json", "metrics.json", "test_predictions.json", "config"} <= logged
 
 
 def test_predict_on_a_folder_gives_the_trainers_classes(finished_run, make_cfg, store, tmp_path, capsys):

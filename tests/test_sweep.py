@@ -113,7 +113,7 @@ def test_run_logs_through_a_real_tracking_server(cli, mlflow_server, tmp_path):
     server = mlflow_server(
         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "server-artifacts")
     )
-    result = cli(f"tracking.uri={server}")
+    result = cli(f"tracking.uri={server}", "tracking.pictures=true")  # pictures: binary artifacts through the server
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"open {server}/#/experiments/1/runs?workflowType=machine_learning" in result.stdout  # the summary (stdout) links the training view
     client = mlflow.MlflowClient(server)

@@ -18,7 +18,7 @@ from runner.errors import TrainingError
 
 @pytest.fixture
 def finished_run(make_cfg, client):
-    objective = run(make_cfg("optimizer.lr=0.001", "trainer.keep_checkpoints=true"))
+    objective = run(make_cfg("optimizer.lr=0.001", "trainer.keep_checkpoints=true", "tracking.pictures=true"))
     (found,) = client.search_runs(client.get_experiment_by_name("crack-classification").experiment_id)
     return found, objective
 

@@ -48,7 +48,7 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not 
 def runs(make_cfg, client, store) -> list:
     """Two real runs of the runner that differ in learning rate, as a person compares them; the best one registered."""
     for lr in LEARNING_RATES:
-        run(make_cfg(f"optimizer.lr={lr}", f"tracking.run_name='linear lr={lr}'"))
+        run(make_cfg(f"optimizer.lr={lr}", f"tracking.run_name='linear lr={lr}'", "tracking.pictures=true", "tracking.system_metrics=true"))
     assert compare.main(["--tracking-uri", store["uri"], "--all", "--metric", "test_accuracy", "--register", CHAMPION]) == 0
     experiment = client.get_experiment_by_name("crack-classification")
     return client.search_runs([experiment.experiment_id])
@@ -57,7 +57,7 @@ def runs(make_cfg, client, store) -> list:
 @pytest.fixture
 def sweep(cli, store) -> tuple[object, list]:
     """A multirun of two jobs in an experiment of its own in the same store: (the parent run, the job runs)."""
-    result = cli("-m", "optimizer.lr=0.01,0.001", "trainer.epochs=1", f"tracking.experiment={SWEEPS}")
+    result = cli("-m", "optimizer.lr=0.01,0.001", "trainer.epochs=1", f"tracking.experiment={SWEEPS}", "tracking.system_metrics=true")
     assert result.returncode == 0, result.stderr[-3000:]
     (parent,), jobs = sweep_runs(store["uri"], SWEEPS)
     return parent, jobs

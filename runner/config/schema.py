@@ -382,6 +382,7 @@ class TrackingConfig:
     experiment: str = MISSING
     artifact_root: str = how()
     run_name: Optional[str] = how()
+    pictures: bool = how()  # the run's plots/*.png (runner.report.evaluate); a sweep of many short trials may go without
     # MLflow's own system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py), sampled
     # every ``system_metrics_interval`` seconds, plus one last sample when the run ends.
     system_metrics: bool = how()

@@ -18,11 +18,13 @@ log = logging.getLogger(__name__)
 CURVES = "curves.json"  # the points of the ROC, precision-recall and reliability plots (runner.compare --curves)
 
 
-def evaluate_and_log(model: TrainedModel, data: DataSplits, tracker: Tracker, selected: int | None = None) -> dict[str, float]:
+def evaluate_and_log(model: TrainedModel, data: DataSplits, tracker: Tracker, selected: int | None = None,
+                     pictures: bool = True) -> dict[str, float]:
     """Score the held-out test split and log metrics (``test_*``), plots, metrics.json and test_predictions.json.
 
     ``selected``: the epoch whose weights the model holds (trainer.select), whose train and
     val metrics are returned and written beside the test metrics; None: the last epoch.
+    ``pictures``: draw the plots (tracking.pictures); the numbers behind them (curves.json) are logged either way.
     """
     probs = model.predict_proba(data.test.images)
     labels = data.test.labels
@@ -35,6 +37,19 @@ def evaluate_and_log(model: TrainedModel, data: DataSplits, tracker: Tracker, se
     files = [path.relative_to(data.root).as_posix() for path in data.test.paths]
     curves = plots.test_curves(labels, probs, data.classes)
     tracker.log_json(curves, CURVES)
+    if pictures:
+        log_pictures(model, data, tracker, selected, curves, files, probs)
+    kept = next((h for h in model.history if h["step"] == selected), model.history[-1]) if model.history else {}
+    final_epoch = {k: v for k, v in kept.items() if k not in ("step", "phase", "lr")}
+    tracker.log_json({**final_epoch, **test, "classes": data.classes}, "metrics.json")
+    tracker.log_json(prediction_records(files, labels, probs, data.classes), "test_predictions.json")
+    return {**final_epoch, **test}
+
+
+def log_pictures(model: TrainedModel, data: DataSplits, tracker: Tracker, selected: int | None, curves: dict, files: list[str],
+                 probs: np.ndarray) -> None:
+    """The run's plots/*.png (docs/logging.md), each drawn, logged and closed in turn."""
+    labels = data.test.labels
     for name, fig in (
         ("plots/learning_curves.png", plots.learning_curves(model.history, selected)),
         ("plots/confusion_matrix.png", plots.confusion_matrix_figure(confusion(labels, probs, len(data.classes)), data.classes)),
@@ -46,11 +61,6 @@ def evaluate_and_log(model: TrainedModel, data: DataSplits, tracker: Tracker, se
     ):
         tracker.log_figure(fig, name)
         plots.close(fig)
-    kept = next((h for h in model.history if h["step"] == selected), model.history[-1]) if model.history else {}
-    final_epoch = {k: v for k, v in kept.items() if k not in ("step", "phase", "lr")}
-    tracker.log_json({**final_epoch, **test, "classes": data.classes}, "metrics.json")
-    tracker.log_json(prediction_records(files, labels, probs, data.classes), "test_predictions.json")
-    return {**final_epoch, **test}
 
 
 def prediction_records(files: list[str], labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> list[dict]:
