@@ -1,4 +1,4 @@
-"""``python -m runner ...`` as a process of its own, forked from one that imported the libraries a run needs.
+"""``python -m module ...`` (or ``python -c``) as a process of its own, forked from one that imported the libraries a run needs.
 
 A fresh interpreter spends seconds importing torch, MLflow, SciPy and the rest before a tiny run
 starts; the tests that need a command in a process of its own (signals from outside, several
@@ -7,7 +7,8 @@ those imports once (multiprocessing's forkserver, one per test process). The chi
 like any other: its own pid, session, signal handlers, store connections, exit status and output
 files. It imports the runner itself afresh, so everything the runner does at import happens in it
 with its own environment. What only a fresh interpreter shows (which modules a command imports,
-what it prints while importing) is tested with real ``python -m`` processes (tests/test_install.py).
+what it prints while importing) is tested with real ``python`` processes (tests/test_install.py, the ResNet50 command
+line of tests/test_keras.py, tests/test_first_hour.py).
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def _main(program: tuple[str, str], args: list[str], cwd: str, env: dict[str, st
 
 
 class Forked:
-    """The parts of subprocess.Popen the tests use, for a forked ``python -m``: output read once it has ended."""
+    """The parts of subprocess.Popen the tests use, for a forked command: its output in files, read by :meth:`output`."""
 
     def __init__(self, program: tuple[str, str], args: list[str], cwd: Path, env: dict[str, str], stdout: Path | None = None,
                  stderr: Path | None = None) -> None:
