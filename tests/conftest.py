@@ -46,12 +46,12 @@ TINY = [
 ]
 
 
-def runner_command(artifacts: str, *args: str, tiny: bool = True) -> list[str]:
-    """``python -m runner`` with ``args`` (flags such as -m first, as Hydra wants them), on TINY's data unless
-    ``tiny`` is false, its artifacts under ``artifacts``."""
+def runner_args(artifacts: str, *args: str, tiny: bool = True) -> list[str]:
+    """The arguments of ``python -m runner`` for ``args`` (flags such as -m first, as Hydra wants them), on TINY's data
+    unless ``tiny`` is false, its artifacts under ``artifacts``."""
     flags = [a for a in args if a.startswith("-")]
     overrides = [a for a in args if not a.startswith("-")]
-    return [sys.executable, "-m", "runner", *flags, *(TINY if tiny else []), f"tracking.artifact_root={artifacts}", *overrides]
+    return [*flags, *(TINY if tiny else []), f"tracking.artifact_root={artifacts}", *overrides]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -176,12 +176,13 @@ def cli(store: dict[str, str], data_cache: Path, tmp_path: Path) -> Callable[...
     def _run(*args: str, tiny: bool = True, timeout: float = 600, env: dict[str, str] | None = None,
              process: Literal["forked", "fresh"] | None = None) -> subprocess.CompletedProcess:
         env = {**services.runner_env(store["uri"], data_cache), **(env or {})}
-        cmd = runner_command(store["artifacts"], *args, tiny=tiny)
+        arguments = runner_args(store["artifacts"], *args, tiny=tiny)
         if process is None:
-            return services.run_in_process(cmd[3:], tmp_path, env)  # its arguments, after python -m runner
+            return services.run_in_process(arguments, tmp_path, env)
         if process == "forked":
-            return forked.run("runner", cmd[3:], tmp_path, env, timeout)
-        return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+            return forked.run("runner", arguments, tmp_path, env, timeout)
+        return subprocess.run([sys.executable, "-m", "runner", *arguments], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=timeout)
 
     return _run
 

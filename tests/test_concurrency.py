@@ -13,14 +13,14 @@ import pytest
 
 import forked
 import services
-from conftest import runner_command
+from conftest import runner_args
 
 pytestmark = pytest.mark.slow
 
 
 def start(store: dict, data_cache: Path, cwd: Path, *args: str) -> forked.Forked:
     """``python -m runner`` in the background, a process of its own, against the tmp store (flags such as -m first)."""
-    return forked.start("runner", runner_command(store["artifacts"], *args)[3:], cwd, services.runner_env(store["uri"], data_cache))
+    return forked.start("runner", runner_args(store["artifacts"], *args), cwd, services.runner_env(store["uri"], data_cache))
 
 
 def finish(procs: list[forked.Forked]) -> list[str]:

@@ -16,7 +16,7 @@ import pytest
 
 import forked
 import services
-from conftest import TINY, runner_command
+from conftest import TINY, runner_args
 from crack_runner.datasets import integrity
 from crack_runner.datasets.decoded import MARKER, SOURCES
 from runner import doctor
@@ -47,8 +47,7 @@ def copy_with(folder: Path, name: str, file: str, body: dict) -> Path:
 def test_doctor_reports_then_closes_a_killed_run_and_removes_only_unused_leftovers(store, tmp_path):
     cache = tmp_path / "cache"
     env = services.runner_env(store["uri"])
-    cmd = runner_command(store["artifacts"], "trainer.epochs=200", f"dataset.cache_dir={cache}")
-    proc = forked.start("runner", cmd[3:], tmp_path, env)
+    proc = forked.start("runner", runner_args(store["artifacts"], "trainer.epochs=200", f"dataset.cache_dir={cache}"), tmp_path, env)
     deadline = time.monotonic() + 300
     while not any(Path(store["artifacts"]).glob("*/artifacts/checkpoints/last.pt")):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]

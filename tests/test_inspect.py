@@ -221,8 +221,9 @@ def test_inspect_log_records_a_run_and_a_kill_leaves_it_killed(trained, tmp_path
     for n in range(10):  # enough photos that a SIGTERM sent when the first is done finds it mid-way (it once came after the last of six)
         photos.write_photo(tmp_path / "many" / f"{n}.jpg", *render_photo(10 + n, 1200, 900, cracks=1))
     env = services.runner_env(trained["uri"])
-    args = [trained["run_id"], str(tmp_path / "many"), "--out", str(tmp_path / "o"), "--log", "--batch-size", "4"]  # small batches: seconds a
-    proc = forked.start("runner.inspect", args, tmp_path, env)  # photo, so the signal lands mid-way
+    # Small batches: seconds a photo, so the signal lands mid-way.
+    args = [trained["run_id"], str(tmp_path / "many"), "--out", str(tmp_path / "o"), "--log", "--batch-size", "4"]
+    proc = forked.start("runner.inspect", args, tmp_path, env)
     deadline = time.monotonic() + 300
     while not (tmp_path / "o" / "0" / "summary.json").exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]

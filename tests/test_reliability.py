@@ -18,7 +18,7 @@ import torch
 
 import forked
 import services
-from conftest import runner_command
+from conftest import runner_args
 from runner.app import run
 from runner.errors import ConfigError
 from runner.track.files import atomic_path
@@ -40,9 +40,9 @@ def checkpoint_logged(artifacts: Path) -> Callable[[], bool]:
     return lambda: any(p.stat().st_size > 0 for p in artifacts.glob("*/artifacts/checkpoints/last.pt"))
 
 
-def start_and_interrupt(cli_env: dict, cmd: list[str], cwd: Path, ready: Callable[[], bool], sig: int) -> subprocess.CompletedProcess:
-    """Start the runner, wait until ``ready()`` (e.g. its first checkpoint), then send ``sig`` (mid-training)."""
-    proc = forked.start("runner", cmd[3:], cwd, cli_env)
+def start_and_interrupt(cli_env: dict, args: list[str], cwd: Path, ready: Callable[[], bool], sig: int) -> subprocess.CompletedProcess:
+    """Start ``python -m runner *args``, wait until ``ready()`` (e.g. its first checkpoint), then send ``sig`` (mid-training)."""
+    proc = forked.start("runner", args, cwd, cli_env)
     deadline = time.monotonic() + 600
     while not ready():
         assert proc.poll() is None, proc.communicate()[1][-3000:]
@@ -51,7 +51,7 @@ def start_and_interrupt(cli_env: dict, cmd: list[str], cwd: Path, ready: Callabl
     time.sleep(0.3)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 @pytest.fixture
@@ -83,7 +83,7 @@ def signal_at(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
 @pytest.mark.parametrize("sig", [signal.SIGINT], ids=["SIGINT"])  # SIGTERM: the Keras resume test (the same handler)
 def test_interrupted_run_is_killed_and_resumes_to_the_same_result(sig, store, data_cache, tmp_path, uninterrupted, cli):
     env = services.runner_env(store["uri"], data_cache)
-    result = start_and_interrupt(env, runner_command(store["artifacts"], *LONG), tmp_path, checkpoint_logged(Path(store["artifacts"])), sig)
+    result = start_and_interrupt(env, runner_args(store["artifacts"], *LONG), tmp_path, checkpoint_logged(Path(store["artifacts"])), sig)
     assert result.returncode == 130, result.stderr[-3000:]
     (killed,) = runs_of(store["uri"])
     assert killed.info.status == "KILLED"

@@ -16,7 +16,7 @@ import pytest
 
 import forked
 import services
-from conftest import runner_command
+from conftest import runner_args
 
 pytestmark = [
     pytest.mark.slow,
@@ -88,8 +88,7 @@ def test_store_that_fills_mid_run_is_closed_by_the_next_run(mount, cli, store, d
     folder = mount("store", size="3m")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     env = services.runner_env(uri, data_cache)
-    cmd = runner_command(store["artifacts"], "trainer.epochs=300")
-    proc = forked.start("runner", cmd[3:], tmp_path, env)
+    proc = forked.start("runner", runner_args(store["artifacts"], "trainer.epochs=300"), tmp_path, env)
     deadline = time.monotonic() + 300
     while not any(Path(store["artifacts"]).glob("*/artifacts/checkpoints/last.pt")):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
